@@ -1,0 +1,38 @@
+# Two commands work on a fresh clone: `make demo` and `make test`. Both build .venv first if it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Pinned here; requirements/*.txt keep ranges so the GPU machine's stack (torch 2.11, Python 3.12) also fits.
+PINS   := torch==2.13.0 deepspeed==0.19.8 megatron-core==0.16.1
+STAMP  := $(VENV)/.installed
+REQS   := requirements/base.txt requirements/hf.txt requirements/logging.txt requirements/dev.txt pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast docs-config clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): $(REQS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(PINS)
+	$(PY) -m pip install -q --disable-pip-version-check $(PINS) -r requirements/base.txt -r requirements/hf.txt \
+		-r requirements/logging.txt -r requirements/dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+# Tiny Llama-3.1 on CPU: Python's own documentation → Llama-3 tokenizer → .bin/.idx → 2 gloo ranks via deepy.py.
+demo: $(STAMP)
+	$(PY) tools/datasets/build_demo_corpus.py --output data/demo/python_docs.jsonl
+	$(PY) tools/datasets/preprocess_data.py --input data/demo/python_docs.jsonl \
+		--output-prefix data/demo/python_docs --append-eod --workers 2
+	WANDB_MODE=offline $(PY) deepy.py train.py configs/tiny_cpu.yml configs/demo.yml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+# Regenerate configs/README.md (the key reference) from the schema.
+docs-config: $(STAMP)
+	$(PY) -m megatron.config.docs > configs/README.md
+
+clean-demo:
+	rm -rf data/demo runs/demo
