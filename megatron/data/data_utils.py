@@ -1,0 +1,172 @@
+"""Build train/valid/test datasets from indexed-dataset prefixes, and the data-parallel loader."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from megatron.data.blendable_dataset import BlendableDataset
+from megatron.data.gpt_dataset import GPTDataset
+from megatron.data.indexed_dataset import IndexedDataset
+
+# Megatron's margin: each blended component gets 0.5% more samples than its share, so rounding in the blend
+# can never ask a component for a sample it does not have.
+_BLEND_MARGIN = 1.005
+_SPLIT_NAMES = ("train", "valid", "test")
+
+
+def parse_split(split: str) -> list[float]:
+    """'949,50,1' (or '0.9,0.1' or '98/2/0') → three fractions summing to 1."""
+    parts = [float(p) for p in split.replace("/", ",").split(",") if p.strip()]
+    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"split must be up to three non-negative numbers, got {split!r}")
+    parts += [0.0] * (3 - len(parts))
+    return [p / sum(parts) for p in parts]
+
+
+def split_document_ranges(num_documents: int, split: str) -> list[tuple[int, int]]:
+    """Contiguous [start, end) document ranges for train/valid/test, as Megatron cuts them."""
+    bounds = [0]
+    for fraction in parse_split(split):
+        bounds.append(bounds[-1] + int(round(fraction * num_documents)))
+    # Rounding may leave the last bound off by one: move every later bound so the ranges end exactly at N.
+    diff = bounds[-1] - num_documents
+    bounds = [b - diff if i > 0 else b for i, b in enumerate(bounds)]
+    bounds = [min(max(b, 0), num_documents) for b in bounds]
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+def _has_tokens(indexed: IndexedDataset, document_ids: np.ndarray) -> bool:
+    """Whether the documents hold at least one token (a split made only of empty documents yields None)."""
+    bounds = indexed.document_indices
+    return bool(indexed.sequence_lengths[bounds[document_ids[0]] : bounds[document_ids[-1] + 1]].sum() > 0)
+
+
+def _blend(
+    prefixes: Sequence[str],
+    weights: Sequence[float] | None,
+    split_name: str,
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+    cache_dir: str | None,
+) -> GPTDataset | BlendableDataset:
+    if weights is None or len(weights) == 0:
+        weights = [1.0] * len(prefixes)
+    if len(weights) != len(prefixes):
+        raise ValueError(f"{split_name}: {len(prefixes)} data paths but {len(weights)} weights")
+    if len(prefixes) == 1:
+        return GPTDataset(IndexedDataset(prefixes[0]), f"{split_name}_0", num_samples, seq_length, seed, cache_dir=cache_dir)
+    total = float(sum(weights))
+    components = [
+        GPTDataset(
+            IndexedDataset(prefix),
+            f"{split_name}_{i}",
+            max(1, math.ceil(num_samples * w / total * _BLEND_MARGIN)),
+            seq_length,
+            seed,
+            cache_dir=cache_dir,
+        )
+        for i, (prefix, w) in enumerate(zip(prefixes, weights))
+    ]
+    return BlendableDataset(components, weights, num_samples, seed)
+
+
+def build_train_valid_test_datasets(
+    *,
+    train_data_paths: Sequence[str] | None = None,
+    train_data_weights: Sequence[float] | None = None,
+    valid_data_paths: Sequence[str] | None = None,
+    valid_data_weights: Sequence[float] | None = None,
+    test_data_paths: Sequence[str] | None = None,
+    test_data_weights: Sequence[float] | None = None,
+    data_path: str | None = None,
+    split: str = "969,30,1",
+    seq_length: int,
+    seed: int,
+    train_num_samples: int,
+    valid_num_samples: int = 0,
+    test_num_samples: int = 0,
+    cache_dir: str | None = None,
+) -> tuple[Any | None, Any | None, Any | None]:
+    """(train, valid, test) datasets; a split with no data or no requested samples is None.
+
+    Either `data_path` (one corpus, cut into contiguous document ranges by `split`) or `*_data_paths` (separate
+    corpora per split, blended by `*_data_weights`, equal by default).
+    """
+    num_samples = (train_num_samples, valid_num_samples, test_num_samples)
+    if data_path is not None:
+        if train_data_paths or valid_data_paths or test_data_paths:
+            raise ValueError("give either data_path (with split) or train/valid/test_data_paths, not both")
+        indexed = IndexedDataset(data_path)
+        ranges = split_document_ranges(indexed.num_documents, split)
+        out = []
+        for name, (start, end), n in zip(_SPLIT_NAMES, ranges, num_samples):
+            ids = np.arange(start, end, dtype=np.int64)
+            has_tokens = end > start and _has_tokens(indexed, ids)
+            out.append(
+                GPTDataset(indexed, name, n, seq_length, seed, document_ids=ids, cache_dir=cache_dir)
+                if n > 0 and has_tokens
+                else None
+            )
+        return out[0], out[1], out[2]
+
+    paths = (train_data_paths, valid_data_paths, test_data_paths)
+    if not train_data_paths:
+        raise ValueError("no training data: set data_path or train_data_paths")
+    weights = (train_data_weights, valid_data_weights, test_data_weights)
+    out = [
+        _blend(list(p), w, name, n, seq_length, seed, cache_dir) if p and n > 0 else None
+        for name, p, w, n in zip(_SPLIT_NAMES, paths, weights, num_samples)
+    ]
+    return out[0], out[1], out[2]
+
+
+class MicroBatchSampler(Sampler[list[int]]):
+    """Index lists for one data-parallel rank: global micro-batch b covers samples
+    [c + b*M*R, c + (b+1)*M*R) for c = consumed_samples, M = micro batch, R = dp size; rank r takes the r-th
+    block of M. Deterministic and resumable: restart with the consumed_samples of the checkpoint."""
+
+    def __init__(
+        self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ) -> None:
+        if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"bad sampler setup: micro_batch_size={micro_batch_size} dp={dp_rank}/{dp_size}")
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.global_micro_batch = micro_batch_size * dp_size
+
+    def __len__(self) -> int:
+        return max(0, (self.total_samples - self.consumed_samples) // self.global_micro_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        first = self.dp_rank * self.micro_batch_size
+        for start in range(self.consumed_samples, self.total_samples - self.global_micro_batch + 1,
+                           self.global_micro_batch):
+            yield list(range(start + first, start + first + self.micro_batch_size))
+
+
+def collate_tokens(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {"tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples])).long()}
+
+
+def make_data_loader(
+    dataset: Any,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    consumed_samples: int,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A DataLoader yielding {"tokens": LongTensor[micro_batch_size, seq_length + 1]} for this DP rank."""
+    sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_tokens)
