@@ -1,0 +1,289 @@
+"""The one typed config schema.
+
+Keys are GPT-NeoX's wherever GPT-NeoX has the key (a GPT-NeoX YAML mostly works unchanged); new keys cover
+what GPT-NeoX lacks (`rope_scaling`, `run_dir`, ...). Sections are separate classes only so that the generated key
+reference (`configs/README.md`, see `megatron.config.docs`) can group them; the config itself is flat, like
+GPT-NeoX's YAML. Every field has a type, a default and a one-line description: the description *is* the
+documentation. Cross-field rules live in `megatron.config.validate`, derived values in `NeoXConfig` properties.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+
+class RopeScaling(_Strict):
+    """Hugging Face's `rope_scaling` dict for Llama-3.1 (`rope_type: llama3`)."""
+
+    rope_type: Literal["llama3"] = Field("llama3", description="Only the Llama-3.1 frequency scaling is supported.")
+    factor: float = Field(8.0, gt=0, description="Long wavelengths are divided by this factor.")
+    low_freq_factor: float = Field(1.0, gt=0, description="Wavelengths above original/low_freq_factor are scaled.")
+    high_freq_factor: float = Field(4.0, gt=0, description="Wavelengths below original/high_freq_factor are kept.")
+    original_max_position_embeddings: int = Field(8192, gt=0, description="Context length the base model was trained at.")
+
+
+class OptimizerParams(_Strict):
+    lr: float = Field(3.0e-4, gt=0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1.0e-8, gt=0, description="Adam epsilon.")
+
+
+class OptimizerSpec(_Strict):
+    type: Literal["Adam", "AdamW", "adam", "adamw"] = Field(
+        "AdamW", description="Adam with decoupled weight decay (GPT-NeoX's `Adam` is AdamW too)."
+    )
+    params: OptimizerParams = Field(default_factory=OptimizerParams, description="Optimizer hyperparameters.")
+
+
+class ZeroOptimization(_Strict):
+    stage: Literal[0, 1] = Field(1, description="ZeRO stage: 0 (off) or 1 (optimizer states sharded over data parallel).")
+    allgather_partitions: bool = Field(True, description="DeepSpeed: all-gather updated partitions.")
+    allgather_bucket_size: int = Field(500_000_000, gt=0, description="DeepSpeed all-gather bucket size (elements).")
+    overlap_comm: bool = Field(True, description="DeepSpeed: overlap gradient reduction with backward.")
+    reduce_scatter: bool = Field(True, description="DeepSpeed: reduce-scatter instead of all-reduce for gradients.")
+    reduce_bucket_size: int = Field(500_000_000, gt=0, description="DeepSpeed reduce bucket size (elements).")
+    contiguous_gradients: bool = Field(True, description="DeepSpeed: copy gradients into a contiguous buffer.")
+
+
+class DataTypes(_Strict):
+    grad_accum_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Dtype gradients accumulate in across micro-batches (fp32 avoids GPT-NeoX #963)."
+    )
+
+
+class PrecisionFlag(_Strict):
+    enabled: bool = Field(False, description="Turn this precision on.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections. Field order is the order of the key reference.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ModelArgs(_Strict):
+    """The Llama-3.1 architecture. Presets for 8B/70B/405B live in `configs/llama3.1-*.yml`."""
+
+    num_layers: Optional[int] = Field(None, gt=0, description="Number of transformer layers (required).")
+    hidden_size: Optional[int] = Field(None, gt=0, description="Model width (required).")
+    num_attention_heads: Optional[int] = Field(None, gt=0, description="Query heads (required).")
+    num_kv_heads: Optional[int] = Field(
+        None, gt=0, description="Key/value heads for grouped-query attention; unset means num_attention_heads."
+    )
+    intermediate_size: Optional[int] = Field(
+        None, gt=0, description="SwiGLU width *per branch*, as in HF config.json (GPT-NeoX uses 3x this; see docs)."
+    )
+    seq_length: int = Field(2048, gt=0, description="Training sequence length in tokens.")
+    max_position_embeddings: Optional[int] = Field(
+        None, gt=0, description="Longest position the model supports; unset means seq_length."
+    )
+    norm: Literal["rmsnorm"] = Field("rmsnorm", description="Normalisation layer (Llama uses RMSNorm).")
+    rms_norm_epsilon: float = Field(1.0e-5, gt=0, description="RMSNorm epsilon.")
+    pos_emb: Literal["rotary"] = Field("rotary", description="Position embedding (Llama uses rotary).")
+    rotary_pct: float = Field(1.0, description="Fraction of each head rotated; Llama rotates all of it (1.0 only).")
+    rotary_emb_base: float = Field(10000.0, gt=0, description="RoPE theta (Llama-3.1: 500000).")
+    rope_scaling: Optional[RopeScaling] = Field(
+        None, description="HF `rope_scaling` dict (`rope_type: llama3` ...) for Llama-3.1's long-context RoPE."
+    )
+    activation: Literal["swiglu"] = Field("swiglu", description="MLP activation (Llama uses SwiGLU).")
+    no_weight_tying: bool = Field(True, description="Untied input/output embeddings (Llama-3.1); tying is not supported.")
+    use_bias_in_norms: bool = Field(False, description="Bias in norms; RMSNorm has none (false only).")
+    use_bias_in_attn_linear: bool = Field(False, description="Bias in the q/k/v/o projections (Llama: false).")
+    use_bias_in_mlp: bool = Field(False, description="Bias in the MLP projections (Llama: false).")
+    vocab_size: Optional[int] = Field(None, gt=0, description="Tokenizer vocabulary size; unset means the tokenizer's.")
+    make_vocab_size_divisible_by: int = Field(
+        128, gt=0, description="Pad the embedding rows to a multiple of this times model_parallel_size."
+    )
+    init_method: Literal["normal", "small_init"] = Field(
+        "normal", description="Init of input projections: normal(0, init_method_std) or small_init (GPT-NeoX)."
+    )
+    output_layer_init_method: Literal["scaled_normal", "wang_init", "normal"] = Field(
+        "scaled_normal", description="Init of o/down projections: std/sqrt(2*num_layers), wang_init or normal."
+    )
+    init_method_std: float = Field(0.02, gt=0, description="Standard deviation of the normal initialisation.")
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after attention and MLP (Llama: 0).")
+    attention_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention probabilities (Llama: 0).")
+
+
+class ParallelArgs(_Strict):
+    """How the model is laid out over GPUs: TP x PP x DP = world size."""
+
+    model_parallel_size: int = Field(1, gt=0, description="Tensor-parallel size (megatron-core layers).")
+    pipe_parallel_size: int = Field(
+        1, ge=0, description="Pipeline stages (DeepSpeed PipelineModule); 0 and 1 both mean one stage."
+    )
+    pipe_partition_method: str = Field(
+        "parameters", description="How layers split over stages: parameters, uniform or type:REGEX (DeepSpeed)."
+    )
+    sequence_parallel: bool = Field(False, description="Megatron sequence parallelism (not implemented yet: false).")
+    checkpoint_activations: bool = Field(False, description="Recompute activations in backward to save memory.")
+    checkpoint_num_layers: int = Field(1, gt=0, description="Layers per activation-checkpointed chunk.")
+    partition_activations: bool = Field(False, description="Shard checkpointed activations across TP ranks.")
+    distributed_backend: Literal["nccl", "gloo", "auto"] = Field(
+        "auto", description="torch.distributed backend; auto means nccl on GPU, gloo on CPU."
+    )
+
+
+class TrainingArgs(_Strict):
+    """Batch sizes, schedule, optimizer and precision."""
+
+    train_micro_batch_size_per_gpu: int = Field(1, gt=0, description="Sequences per GPU per micro-step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    train_batch_size: Optional[int] = Field(
+        None, gt=0, description="Global batch (= micro x accumulation x DP); unset means derived."
+    )
+    train_iters: Optional[int] = Field(None, gt=0, description="Optimizer steps to train (required).")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="`{type, params: {lr, betas, eps}}`.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    lr_decay_iters: Optional[int] = Field(None, gt=0, description="Steps over which lr decays; unset means train_iters.")
+    warmup: float = Field(0.01, ge=0, le=1, description="Linear warmup as a fraction of lr_decay_iters.")
+    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of decay.")
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay (not applied to norms).")
+    gradient_clipping: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 disables).")
+    precision: Optional[Literal["fp32", "bf16"]] = Field(
+        None, description="fp32 or bf16 (fp32 master weights); unset means bf16 on GPU, fp32 on CPU."
+    )
+    bf16: Optional[PrecisionFlag] = Field(None, description="GPT-NeoX/DeepSpeed style `bf16: {enabled: true}`.")
+    fp16: Optional[PrecisionFlag] = Field(None, description="Accepted for GPT-NeoX compatibility; only disabled.")
+    data_types: DataTypes = Field(default_factory=DataTypes, description="`{grad_accum_dtype: fp32}` (DeepSpeed).")
+    zero_optimization: ZeroOptimization = Field(
+        default_factory=ZeroOptimization, description="DeepSpeed ZeRO settings (stage 0 or 1)."
+    )
+    seed: int = Field(1234, ge=0, description="Seed for initialisation, data order and dropout.")
+
+
+class DataArgs(_Strict):
+    """Where tokens come from: Megatron/GPT-NeoX `.bin/.idx` files."""
+
+    data_path: Optional[str] = Field(None, description="One dataset prefix split into train/valid/test by `split`.")
+    split: str = Field("969,30,1", description="Train,valid,test proportions of data_path's documents.")
+    train_data_paths: Optional[list[str]] = Field(None, description="Training dataset prefixes (blended).")
+    train_data_weights: Optional[list[float]] = Field(None, description="Blend weights of train_data_paths.")
+    valid_data_paths: Optional[list[str]] = Field(None, description="Validation dataset prefixes.")
+    valid_data_weights: Optional[list[float]] = Field(None, description="Blend weights of valid_data_paths.")
+    test_data_paths: Optional[list[str]] = Field(None, description="Test dataset prefixes.")
+    test_data_weights: Optional[list[float]] = Field(None, description="Blend weights of test_data_paths.")
+    data_impl: Literal["mmap"] = Field("mmap", description="Dataset format (Megatron mmap .bin/.idx).")
+    data_cache_dir: Optional[str] = Field(None, description="Where sample indices are cached; unset means beside data.")
+    tokenizer_type: Literal["Llama3Tokenizer", "HFTokenizer", "SPMTokenizer"] = Field(
+        "Llama3Tokenizer", description="Tokenizer: Llama-3 tiktoken (default), HF tokenizer.json or sentencepiece."
+    )
+    vocab_file: Optional[str] = Field(None, description="Tokenizer file; unset for Llama3Tokenizer means the bundled one.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    eval_interval: int = Field(1000, gt=0, description="Run validation every this many steps.")
+    eval_iters: int = Field(10, ge=0, description="Validation micro-batches per evaluation (0 disables).")
+
+
+class CheckpointArgs(_Strict):
+    """Saving and loading."""
+
+    save: Optional[str] = Field(None, description="Directory to save checkpoints to (unset: no saving).")
+    load: Optional[str] = Field(None, description="Directory to load a checkpoint from (unset: start fresh).")
+    checkpoint_factor: Optional[int] = Field(None, gt=0, description="Save every this many steps.")
+    keep_last_n_checkpoints: Optional[int] = Field(None, gt=0, description="Delete older checkpoints beyond N.")
+    finetune: bool = Field(False, description="Load weights only from `load` and start a new run at step 0.")
+
+
+class LoggingArgs(_Strict):
+    """Console, TensorBoard and Weights & Biases."""
+
+    log_interval: int = Field(100, gt=0, description="Print and log metrics every this many steps.")
+    run_dir: Optional[str] = Field(
+        None, description="Where the resolved config, logs and plots go; unset means runs/<last config name>."
+    )
+    tensorboard_dir: Optional[str] = Field(None, description="TensorBoard log directory (unset: off).")
+    use_wandb: bool = Field(False, description="Log to Weights & Biases (offline unless WANDB_MODE says otherwise).")
+    wandb_project: str = Field("neox", description="W&B project.")
+    wandb_group: Optional[str] = Field(None, description="W&B run group.")
+    wandb_team: Optional[str] = Field(None, description="W&B entity (team or user).")
+
+
+class LauncherArgs(_Strict):
+    """Passed to DeepSpeed's runner by `deepy.py`."""
+
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
+        "pdsh", description="Multi-node launcher used by the DeepSpeed runner."
+    )
+    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=N` per line) for multi-node.")
+    num_nodes: int = Field(-1, description="Nodes to use from the hostfile (-1: all).")
+    num_gpus: Optional[int] = Field(
+        None, gt=0, description="GPUs per node (CPU: number of gloo processes); unset means all GPUs, or 1 on CPU."
+    )
+    include: Optional[str] = Field(None, description="DeepSpeed `--include` host/GPU filter.")
+    exclude: Optional[str] = Field(None, description="DeepSpeed `--exclude` host/GPU filter.")
+    master_port: int = Field(29500, gt=0, lt=65536, description="Rendezvous port.")
+    master_addr: Optional[str] = Field(None, description="Rendezvous address (multi-node).")
+    deepspeed_slurm: bool = Field(False, description="Launch with srun under SLURM (GPT-NeoX key).")
+    comment: Optional[str] = Field(None, description="Passed to srun as --comment (GPT-NeoX key).")
+
+
+SECTIONS: tuple[type[_Strict], ...] = (
+    ModelArgs,
+    ParallelArgs,
+    TrainingArgs,
+    DataArgs,
+    CheckpointArgs,
+    LoggingArgs,
+    LauncherArgs,
+)
+
+
+class NeoXConfig(LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, ParallelArgs, ModelArgs):
+    """The whole validated config. Read-only by convention: derived values are properties, not mutations."""
+
+    # ---- derived values (computed once, in one place) ----
+    @property
+    def tp(self) -> int:
+        return self.model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return max(1, self.pipe_parallel_size)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.params.lr
+
+    @property
+    def resolved_precision(self) -> str:
+        """fp32 or bf16. Explicit keys win; otherwise bf16 where CUDA exists (decided at run time)."""
+        if self.precision is not None:
+            return self.precision
+        if self.bf16 is not None:
+            return "bf16" if self.bf16.enabled else "fp32"
+        import torch
+
+        return "bf16" if torch.cuda.is_available() else "fp32"
+
+    def world_size(self, available: Optional[int] = None) -> int:
+        """Processes the launcher will start: num_gpus x nodes, else what is available."""
+        per_node = self.num_gpus or available or 1
+        nodes = self.num_nodes if self.num_nodes > 0 else 1
+        return per_node * nodes
+
+    def dp(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp)
+
+    def padded_vocab_size(self, vocab_size: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * self.tp
+        return ((vocab_size + multiple - 1) // multiple) * multiple
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+def all_keys() -> list[str]:
+    return list(NeoXConfig.model_fields)

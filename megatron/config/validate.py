@@ -1,0 +1,208 @@
+"""Cross-field rules, checked before anything launches.
+
+Each rule returns ConfigIssues whose `key` names the key to change (comma-separated when several are involved;
+the first one decides which file is named). A rule whose keys already failed type validation is skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from megatron.config.errors import ConfigIssue
+
+if TYPE_CHECKING:
+    from megatron.config.schema import NeoXConfig
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def hostfile_slots(path: str) -> Optional[int]:
+    """Total `slots=N` of a DeepSpeed hostfile, or None if it cannot be read here (checked again at launch)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    total = 0
+    for line in p.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        for part in line.split()[1:]:
+            if part.startswith("slots="):
+                total += int(part.split("=", 1)[1])
+    return total or None
+
+
+def _world_size(cfg: "NeoXConfig", available_devices: Optional[int]) -> Optional[int]:
+    if cfg.num_gpus is None and cfg.hostfile:
+        return hostfile_slots(cfg.hostfile)
+    return cfg.world_size(available_devices)
+
+
+def _required(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    issues = []
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "train_iters"):
+        if getattr(cfg, key) is None:
+            issues.append(
+                ConfigIssue(key, "is required", f"set {key} (the Llama presets in configs/ set the model keys)")
+            )
+    return issues
+
+
+def _model_shape(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    if None in (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads):
+        return []
+    issues = []
+    h, nq, nkv = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads
+    if h % nq:
+        issues.append(ConfigIssue(
+            "hidden_size,num_attention_heads", f"hidden_size {h} is not divisible by num_attention_heads {nq}",
+            f"pick num_attention_heads among the divisors of {h} that give an even head size", value=h))
+    elif (h // nq) % 2:
+        issues.append(ConfigIssue(
+            "hidden_size,num_attention_heads", f"head size {h // nq} is odd; rotary embeddings need an even one",
+            "change hidden_size or num_attention_heads so hidden_size/num_attention_heads is even", value=h))
+    if nq % nkv:
+        issues.append(ConfigIssue(
+            "num_kv_heads", f"num_attention_heads {nq} is not a multiple of num_kv_heads {nkv}",
+            f"use num_kv_heads among {_divisors(nq)}", value=nkv))
+    if cfg.rotary_pct != 1.0:
+        issues.append(ConfigIssue("rotary_pct", "Llama rotates the whole head; partial rotary is not supported",
+                                  "set rotary_pct: 1.0", value=cfg.rotary_pct))
+    if not cfg.no_weight_tying:
+        issues.append(ConfigIssue("no_weight_tying", "tied input/output embeddings are not supported",
+                                  "set no_weight_tying: true (Llama-3.1 is untied)", value=False))
+    if cfg.use_bias_in_norms:
+        issues.append(ConfigIssue("use_bias_in_norms", "RMSNorm has no bias", "set use_bias_in_norms: false", True))
+    if cfg.seq_length > cfg.max_positions:
+        issues.append(ConfigIssue(
+            "seq_length", f"seq_length {cfg.seq_length} exceeds max_position_embeddings {cfg.max_positions}",
+            f"lower seq_length or raise max_position_embeddings to at least {cfg.seq_length}", cfg.seq_length))
+    rs = cfg.rope_scaling
+    if rs is not None:
+        if rs.high_freq_factor <= rs.low_freq_factor:
+            issues.append(ConfigIssue(
+                "rope_scaling", f"high_freq_factor {rs.high_freq_factor} must exceed low_freq_factor "
+                f"{rs.low_freq_factor}", "use the Llama-3.1 values (low 1.0, high 4.0)", rs.model_dump()))
+        if rs.original_max_position_embeddings > cfg.max_positions:
+            issues.append(ConfigIssue(
+                "rope_scaling", f"original_max_position_embeddings {rs.original_max_position_embeddings} exceeds "
+                f"max_position_embeddings {cfg.max_positions}",
+                "set max_position_embeddings to the scaled context (Llama-3.1: 131072)", rs.model_dump()))
+    return issues
+
+
+def _parallel(cfg: "NeoXConfig", world: Optional[int]) -> list[ConfigIssue]:
+    issues = []
+    tp, pp = cfg.tp, cfg.pp
+    if cfg.num_attention_heads and cfg.num_attention_heads % tp:
+        issues.append(ConfigIssue(
+            "model_parallel_size", f"num_attention_heads {cfg.num_attention_heads} is not divisible by "
+            f"model_parallel_size {tp}", f"use model_parallel_size among {_divisors(cfg.num_attention_heads)}", tp))
+    elif cfg.num_attention_heads:
+        nkv = cfg.kv_heads
+        if nkv % tp and tp % nkv:
+            issues.append(ConfigIssue(
+                "model_parallel_size", f"num_kv_heads {nkv} and model_parallel_size {tp} must divide one another "
+                "(kv heads are split when TP divides them, replicated when TP is a multiple of them)",
+                f"use model_parallel_size among {sorted(set(_divisors(nkv)) | {nkv * k for k in range(1, 9)})}", tp))
+    if cfg.intermediate_size and cfg.intermediate_size % tp:
+        issues.append(ConfigIssue(
+            "model_parallel_size", f"intermediate_size {cfg.intermediate_size} is not divisible by "
+            f"model_parallel_size {tp}", f"use model_parallel_size among {_divisors(cfg.intermediate_size)[:12]}", tp))
+    if cfg.num_layers and pp > cfg.num_layers:
+        issues.append(ConfigIssue(
+            "pipe_parallel_size", f"{pp} pipeline stages but only {cfg.num_layers} layers",
+            f"use pipe_parallel_size <= {cfg.num_layers}", pp))
+    method = cfg.pipe_partition_method
+    if not (method in ("parameters", "uniform") or method.startswith("type:")):
+        issues.append(ConfigIssue("pipe_partition_method", "unknown partition method",
+                                  "use parameters, uniform or type:REGEX", method))
+    if cfg.sequence_parallel:
+        issues.append(ConfigIssue("sequence_parallel", "sequence parallelism is not implemented yet",
+                                  "set sequence_parallel: false", True))
+    if cfg.partition_activations and not cfg.checkpoint_activations:
+        issues.append(ConfigIssue("partition_activations", "only applies to checkpointed activations",
+                                  "set checkpoint_activations: true, or partition_activations: false", True))
+    if world is not None:
+        if world % (tp * pp):
+            issues.append(ConfigIssue(
+                "model_parallel_size,pipe_parallel_size", f"world size {world} is not a multiple of "
+                f"model_parallel_size x pipe_parallel_size = {tp} x {pp} = {tp * pp}",
+                f"use a world size (num_gpus x num_nodes) that {tp * pp} divides, or change TP/PP", tp))
+        else:
+            dp = world // (tp * pp)
+            expect = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * dp
+            if cfg.train_batch_size is not None and cfg.train_batch_size != expect:
+                issues.append(ConfigIssue(
+                    "train_batch_size", f"must equal train_micro_batch_size_per_gpu x gradient_accumulation_steps "
+                    f"x data-parallel size = {cfg.train_micro_batch_size_per_gpu} x "
+                    f"{cfg.gradient_accumulation_steps} x {dp} = {expect}",
+                    f"set train_batch_size: {expect}, or remove it to have it derived", cfg.train_batch_size))
+    return issues
+
+
+def _training(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    issues = []
+    if cfg.min_lr > cfg.lr:
+        issues.append(ConfigIssue("min_lr", f"min_lr {cfg.min_lr} exceeds the peak lr {cfg.lr}",
+                                  "set min_lr below optimizer.params.lr (often lr/10)", cfg.min_lr))
+    if cfg.fp16 is not None and cfg.fp16.enabled:
+        issues.append(ConfigIssue("fp16", "fp16 training is not supported (Llama-3.1 is trained in bf16)",
+                                  "use precision: bf16", cfg.fp16.model_dump()))
+    if cfg.precision and cfg.bf16 is not None and (cfg.precision == "bf16") != cfg.bf16.enabled:
+        issues.append(ConfigIssue("precision,bf16", f"precision {cfg.precision!r} contradicts bf16.enabled "
+                                  f"{cfg.bf16.enabled}", "keep one of the two keys", cfg.precision))
+    if cfg.lr_decay_iters and cfg.train_iters and cfg.lr_decay_iters > 10 * cfg.train_iters:
+        issues.append(ConfigIssue("lr_decay_iters", f"lr_decay_iters {cfg.lr_decay_iters} is more than 10x "
+                                  f"train_iters {cfg.train_iters}; the lr would barely decay",
+                                  "remove lr_decay_iters to decay over train_iters", cfg.lr_decay_iters))
+    return issues
+
+
+def _data(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    issues = []
+    if cfg.data_path and cfg.train_data_paths:
+        issues.append(ConfigIssue("data_path,train_data_paths", "give either data_path (+ split) or "
+                                  "train_data_paths, not both", "remove one of them", cfg.data_path))
+    if not cfg.data_path and not cfg.train_data_paths:
+        issues.append(ConfigIssue("train_data_paths", "no training data",
+                                  "set train_data_paths (or data_path with split)"))
+    for kind in ("train", "valid", "test"):
+        paths, weights = getattr(cfg, f"{kind}_data_paths"), getattr(cfg, f"{kind}_data_weights")
+        if weights is not None and (paths is None or len(paths) != len(weights)):
+            issues.append(ConfigIssue(
+                f"{kind}_data_weights", f"{len(weights)} weights for {len(paths or [])} {kind}_data_paths",
+                f"give one weight per entry of {kind}_data_paths", weights))
+        if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+            issues.append(ConfigIssue(f"{kind}_data_weights", "weights must be non-negative with a positive sum",
+                                      "use e.g. [0.7, 0.3]", weights))
+    try:
+        parts = [float(x) for x in cfg.split.replace("/", ",").split(",")]
+        if len(parts) != 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
+            raise ValueError
+    except ValueError:
+        issues.append(ConfigIssue("split", "must be three non-negative numbers like 969,30,1",
+                                  "write split: 969,30,1", cfg.split))
+    if cfg.tokenizer_type != "Llama3Tokenizer" and not cfg.vocab_file:
+        issues.append(ConfigIssue("vocab_file", f"{cfg.tokenizer_type} needs a tokenizer file",
+                                  "set vocab_file to tokenizer.json (HFTokenizer) or the .model (SPMTokenizer)"))
+    return issues
+
+
+def _checkpoint(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    issues = []
+    if cfg.checkpoint_factor and not cfg.save:
+        issues.append(ConfigIssue("save", f"checkpoint_factor {cfg.checkpoint_factor} is set but save is not",
+                                  "set save: a directory for checkpoints, or remove checkpoint_factor"))
+    if cfg.finetune and not cfg.load:
+        issues.append(ConfigIssue("load", "finetune: true needs a checkpoint to start from",
+                                  "set load: the checkpoint directory", None))
+    return issues
+
+
+def check_cross_field(cfg: "NeoXConfig", available_devices: Optional[int] = None) -> list[ConfigIssue]:
+    world = _world_size(cfg, available_devices)
+    return _required(cfg) + _model_shape(cfg) + _parallel(cfg, world) + _training(cfg) + _data(cfg) + _checkpoint(cfg)

@@ -1,0 +1,220 @@
+"""Llama-3.1 building blocks on megatron-core's tensor-parallel layers.
+
+Activations are [batch, seq, hidden]. Tensor parallelism changes no code here: the column/row-parallel layers and
+the shard shapes come from the layout held by megatron-core's parallel_state. Weights are initialised as the full
+(HF-layout) matrix from a generator seeded by (seed, layer, name) and then sharded, so one seed gives the same
+model at every TP/PP layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from megatron.model import sharding
+from megatron.model.config import LlamaConfig
+from megatron.model.rope import RotaryEmbedding, apply_rotary
+
+
+def tp_rank_size() -> tuple[int, int]:
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def megatron_config(cfg: LlamaConfig) -> ModelParallelConfig:
+    _, tp = tp_rank_size()
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        params_dtype=cfg.params_dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,  # we initialise full matrices ourselves, see module docstring
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+
+
+def init_generator(seed: int, layer: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{layer}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def normal_full(shape: tuple[int, ...], std: float, seed: int, layer: int, name: str) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=init_generator(seed, layer, name))
+
+
+@torch.no_grad()
+def copy_shard_(param: torch.Tensor, shard: torch.Tensor) -> None:
+    if param.shape != shard.shape:
+        raise ValueError(f"shard shape {tuple(shard.shape)} does not fit parameter {tuple(param.shape)}")
+    param.copy_(shard.to(dtype=param.dtype, device=param.device))
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype (bf16 variance is too coarse), like HF's Llama.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(torch.nn.Module):
+    """Grouped-query self-attention: fused column-parallel qkv, SDPA, row-parallel output projection."""
+
+    def __init__(self, cfg: LlamaConfig, layer_number: int):
+        super().__init__()
+        rank, tp = tp_rank_size()
+        d = cfg.head_dim
+        self.cfg, self.head_dim = cfg, d
+        self.rotary = RotaryEmbedding(d, cfg.rope_theta, cfg.rope_scaling)
+        self.heads = cfg.num_attention_heads // tp
+        self.kv_heads = sharding.kv_heads_per_rank(cfg.num_kv_heads, tp)
+        mp = megatron_config(cfg)
+        self.qkv = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, tp * (self.heads + 2 * self.kv_heads) * d, config=mp,
+            init_method=lambda w: None, bias=cfg.attn_bias, gather_output=False,
+        )
+        self.dense = tensor_parallel.RowParallelLinear(
+            cfg.num_attention_heads * d, cfg.hidden_size, config=mp, init_method=lambda w: None,
+            bias=cfg.attn_bias, input_is_parallel=True, skip_bias_add=False,
+        )
+        h, nq, nkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads
+        s, std_in, std_out = cfg.seed, cfg.input_std(), cfg.output_std()
+        q = normal_full((nq * d, h), std_in, s, layer_number, "q_proj")
+        k = normal_full((nkv * d, h), std_in, s, layer_number, "k_proj")
+        v = normal_full((nkv * d, h), std_in, s, layer_number, "v_proj")
+        copy_shard_(self.qkv.weight, sharding.shard_qkv(q, k, v, rank, tp, d))
+        o = normal_full((h, nq * d), std_out, s, layer_number, "o_proj")
+        copy_shard_(self.dense.weight, sharding.shard_dim(o, rank, tp, 1))
+        for bias in (self.qkv.bias, self.dense.bias):
+            if bias is not None:
+                with torch.no_grad():
+                    bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        d = self.head_dim
+        qkv, _ = self.qkv(x)
+        q, k, v = torch.split(qkv, [self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = q.view(b, s, self.heads, d).transpose(1, 2)
+        k = k.view(b, s, self.kv_heads, d).transpose(1, 2)
+        v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
+        cos, sin = self.rotary(s, x.device, x.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        # enable_gqa lets SDPA broadcast kv heads instead of materialising repeated k/v.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                             enable_gqa=self.kv_heads != self.heads)
+        out = out.transpose(1, 2).reshape(b, s, self.heads * d)
+        out, _ = self.dense(out)
+        return out
+
+
+class SwiGLU(torch.nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused in one column-parallel matmul."""
+
+    def __init__(self, cfg: LlamaConfig, layer_number: int):
+        super().__init__()
+        rank, tp = tp_rank_size()
+        mp = megatron_config(cfg)
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_up = tensor_parallel.ColumnParallelLinear(
+            h, 2 * f, config=mp, init_method=lambda w: None, bias=cfg.mlp_bias, gather_output=False
+        )
+        self.down = tensor_parallel.RowParallelLinear(
+            f, h, config=mp, init_method=lambda w: None, bias=cfg.mlp_bias, input_is_parallel=True,
+            skip_bias_add=False,
+        )
+        s, std_in, std_out = cfg.seed, cfg.input_std(), cfg.output_std()
+        gate = normal_full((f, h), std_in, s, layer_number, "gate_proj")
+        up = normal_full((f, h), std_in, s, layer_number, "up_proj")
+        copy_shard_(self.gate_up.weight, sharding.shard_gate_up(gate, up, rank, tp))
+        down = normal_full((h, f), std_out, s, layer_number, "down_proj")
+        copy_shard_(self.down.weight, sharding.shard_dim(down, rank, tp, 1))
+        for bias in (self.gate_up.bias, self.down.bias):
+            if bias is not None:
+                with torch.no_grad():
+                    bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out, _ = self.down(F.silu(gate) * up)
+        return out
+
+
+class TransformerLayer(torch.nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_number: int):
+        super().__init__()
+        self.cfg = cfg
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype)
+        self.attention = Attention(cfg, layer_number)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype)
+        self.mlp = SwiGLU(cfg, layer_number)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.cfg.hidden_dropout, self.training) if self.cfg.hidden_dropout else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self._dropout(self.attention(self.input_layernorm(x)))
+        return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Embedding(torch.nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        rank, tp = tp_rank_size()
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            cfg.padded_vocab_size, cfg.hidden_size, init_method=lambda w: None, config=megatron_config(cfg)
+        )
+        full = normal_full((cfg.vocab_size, cfg.hidden_size), cfg.input_std(), cfg.seed, -1, "embed_tokens")
+        full = sharding.pad_vocab(full, cfg.padded_vocab_size)
+        copy_shard_(self.word_embeddings.weight, sharding.shard_dim(full, rank, tp, 0))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(tokens)
+
+
+class OutputLayer(torch.nn.Module):
+    """Vocab-parallel logits: each TP rank keeps its slice of the vocabulary, never the full 128K row."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        rank, tp = tp_rank_size()
+        self.linear = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, cfg.padded_vocab_size, config=megatron_config(cfg), init_method=lambda w: None,
+            bias=False, gather_output=False,
+        )
+        full = normal_full((cfg.vocab_size, cfg.hidden_size), cfg.input_std(), cfg.seed, -1, "lm_head")
+        full = sharding.pad_vocab(full, cfg.padded_vocab_size)
+        copy_shard_(self.linear.weight, sharding.shard_dim(full, rank, tp, 0))
+        # Padding rows (added so the vocab divides over TP) must not take probability mass: mask their logits.
+        local = cfg.padded_vocab_size // tp
+        first_pad = cfg.vocab_size - rank * local
+        pad = torch.arange(max(0, first_pad), local) if first_pad < local else None
+        self.register_buffer("pad_columns", pad, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.linear(x)
+        if self.pad_columns is not None:
+            logits = logits.index_fill(-1, self.pad_columns.to(logits.device), torch.finfo(logits.dtype).min)
+        return logits
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not -100 (SFT masks prompts that way).
+
+    megatron-core's vocab-parallel cross-entropy reduces over TP ranks, so the full logits are never gathered.
+    """
+    mask = labels.ne(-100)
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe_labels)
+    mask = mask.to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+

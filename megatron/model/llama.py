@@ -1,0 +1,60 @@
+"""Llama-3.1 as a DeepSpeed PipelineModule: embedding on the first stage, final norm and output on the last.
+
+With one stage (PP 1) it is still a PipelineModule, so one code path serves every layout; `model(tokens)` then
+returns this TP rank's slice of the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+
+from megatron.model.config import LlamaConfig
+from megatron.model.layers import Embedding, OutputLayer, RMSNorm, TransformerLayer, causal_lm_loss
+from megatron.parallel.layout import ParallelLayout
+
+
+class EmbeddingPipe(Embedding):
+    pass
+
+
+class TransformerLayerPipe(TransformerLayer):
+    pass
+
+
+class FinalNormPipe(RMSNorm):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype)
+
+
+class OutputLayerPipe(OutputLayer):
+    pass
+
+
+def layer_specs(cfg: LlamaConfig) -> list[LayerSpec]:
+    return (
+        [LayerSpec(EmbeddingPipe, cfg)]
+        + [LayerSpec(TransformerLayerPipe, cfg, i) for i in range(cfg.num_layers)]
+        + [LayerSpec(FinalNormPipe, cfg), LayerSpec(OutputLayerPipe, cfg)]
+    )
+
+
+def _checkpoint_function(cfg: LlamaConfig):
+    if cfg.partition_activations:
+        import deepspeed
+
+        return deepspeed.checkpointing.checkpoint
+    return lambda fn, *args: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
+def build_model(cfg: LlamaConfig, layout: ParallelLayout, partition_method: str = "type:transformer") -> PipelineModule:
+    return PipelineModule(
+        layers=layer_specs(cfg),
+        loss_fn=causal_lm_loss,
+        topology=layout.ds_topology(),
+        partition_method=partition_method,
+        activation_checkpoint_interval=cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0,
+        activation_checkpoint_func=_checkpoint_function(cfg),
+        checkpointable_layers=["TransformerLayerPipe"],
+        seed_layers=False,  # init is seeded per layer by the layers themselves (layout-independent)
+    )
