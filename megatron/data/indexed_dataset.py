@@ -119,6 +119,17 @@ class IndexedDatasetWriter:
             self._lengths.extend(int(n) for n in lengths)
         self.end_document()
 
+    def add_documents(self, tokens: np.ndarray, lengths: Sequence[int] | np.ndarray) -> None:
+        """Append many single-sequence documents at once: `tokens` is their concatenation (one write)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        array = self._as_tokens(tokens)
+        if int(lengths.sum()) != len(array):
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {len(array)} tokens were given")
+        self._bin.write(array.tobytes(order="C"))
+        base = len(self._lengths)
+        self._lengths.extend(lengths.tolist())
+        self._document_indices.extend(range(base + 1, base + len(lengths) + 1))
+
     def add_index(self, prefix: str) -> None:
         """Append every document of an existing dataset with the same dtype (used to merge shards)."""
         other = IndexedDataset(prefix)
