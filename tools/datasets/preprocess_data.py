@@ -55,7 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     clean = p.add_argument_group("cleaning (each optional; drops are counted per reason)")
     clean.add_argument("--ftfy", action="store_true", help="repair mojibake and broken Unicode with ftfy")
     clean.add_argument("--remove-repetitions", action="store_true",
-                       help="drop documents failing the Gopher repetition rules")
+                       help="drop documents failing the Gopher repetition rules (datatrove-compatible: the top "
+                            "n-gram rules also drop most documents under ~40 words)")
     clean.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
     clean.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (by text hash)")
     run = p.add_argument_group("run")
