@@ -152,3 +152,39 @@ def test_large_index_build_is_fast():
     )
     assert time.perf_counter() - start < 10
     assert sample_index.shape == (150_000, 2) and len(shuffle) == 150_000
+
+
+def _rank_main(rank: int, port: int, prefix: str, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # only rank 0 may build; rank 1 must wait for it at the barrier and then load
+            def fail(*args, **kwargs):
+                raise AssertionError("rank 1 built the index")
+
+            gpt_dataset.build_sample_indices = fail
+        ds = GPTDataset(IndexedDataset(prefix), "t", 50, SEQ, seed=0, cache_dir=cache)
+        np.save(f"{out}_{rank}.npy", np.stack([ds[i]["tokens"] for i in range(50)]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_rank_zero_builds_others_wait(tmp_path):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prefix = write_dataset(str(tmp_path / "d"), random_docs(30, seed=9))
+    out = str(tmp_path / "samples")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, port, prefix, str(tmp_path / "c"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert np.array_equal(np.load(out + "_0.npy"), np.load(out + "_1.npy"))
