@@ -118,7 +118,8 @@ class ParallelArgs(_Strict):
         1, ge=0, description="Pipeline stages (DeepSpeed PipelineModule); 0 and 1 both mean one stage."
     )
     pipe_partition_method: str = Field(
-        "parameters", description="How layers split over stages: parameters, uniform or type:REGEX (DeepSpeed)."
+        "type:transformer", description="How layers split over stages: type:REGEX (by layer class), parameters "
+        "or uniform (DeepSpeed)."
     )
     sequence_parallel: bool = Field(False, description="Megatron sequence parallelism (not implemented yet: false).")
     checkpoint_activations: bool = Field(False, description="Recompute activations in backward to save memory.")

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Launcher, as in GPT-NeoX:  python deepy.py train.py CONFIG.yml [MORE.yml ...]
+
+1. Merge the YAML files in order (later files override earlier ones; each override is printed).
+2. Validate everything before any process starts; on problems print them all and exit 2.
+3. Write the resolved config to RUN_DIR/config.yml.
+4. Start the workers with DeepSpeed's runner (`--hostfile`, `--num_nodes`, `--num_gpus`, `--include`,
+   `--exclude`, `--launcher` pass through from the config). Without GPUs it starts `num_gpus` CPU processes
+   that talk over gloo, so every distributed path runs on a laptop too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+from megatron.config import ConfigError, load_config, save_resolved  # noqa: E402
+from megatron.config.schema import NeoXConfig  # noqa: E402
+
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def runner_command(cfg: NeoXConfig, script: str, config_path: Path, run_dir: Path, gpus: int) -> list[str]:
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
+    if cfg.hostfile:
+        cmd += ["--hostfile", cfg.hostfile, "--launcher", cfg.launcher]
+        if cfg.num_nodes > 0:
+            cmd += ["--num_nodes", str(cfg.num_nodes)]
+    else:
+        # No hostfile: one node. DeepSpeed would otherwise look for /job/hostfile.
+        cmd += ["--hostfile", os.devnull]
+    if cfg.num_gpus or not gpus:
+        cmd += ["--num_gpus", str(cfg.num_gpus or 1)]
+    if cfg.include:
+        cmd += ["--include", cfg.include]
+    if cfg.exclude:
+        cmd += ["--exclude", cfg.exclude]
+    if cfg.master_addr:
+        cmd += ["--master_addr", cfg.master_addr]
+    if cfg.comment:
+        cmd += ["--comment", cfg.comment]
+    cmd += ["--master_port", str(cfg.master_port)]
+    cmd += [script, "--config", str(config_path), "--run-dir", str(run_dir)]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", help="the worker script, normally train.py")
+    parser.add_argument("configs", nargs="+", help="YAML files, merged in order")
+    parser.add_argument("-d", "--conf_dir", default=None, help="directory the config names are relative to")
+    parser.add_argument("--dry-run", action="store_true", help="validate, write the config, print the command")
+    args = parser.parse_args(argv)
+
+    paths = [os.path.join(args.conf_dir, c) if args.conf_dir else c for c in args.configs]
+    gpus = cuda_device_count()
+    try:
+        loaded = load_config(paths, available_devices=gpus or None)
+    except ConfigError as err:
+        print(err.format(), file=sys.stderr)
+        return 2
+    cfg = loaded.config
+    for line in loaded.overrides:
+        print(f"override  {line}")
+
+    run_dir = Path(cfg.run_dir or os.path.join("runs", Path(paths[-1]).stem))
+    config_path = save_resolved(cfg, run_dir / "config.yml")
+    print(f"resolved config: {config_path}")
+    cmd = runner_command(cfg, args.script, config_path.resolve(), run_dir.resolve(), gpus)
+    print("launch: " + shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "offline")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

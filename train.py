@@ -1,0 +1,31 @@
+"""Worker entry point, started once per rank by `deepy.py` (through DeepSpeed's runner).
+
+    python deepy.py train.py configs/tiny_cpu.yml configs/demo.yml
+
+Each worker reads the resolved config that deepy.py validated and wrote; nothing is re-derived from the command line.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+# megatron-core announces its fallbacks (no Transformer Engine / Apex) once per import; they are expected here.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from megatron.config.loader import load_resolved  # noqa: E402
+from megatron.trainer import Trainer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="resolved config written by deepy.py")
+    parser.add_argument("--run-dir", required=True, help="where logs, metrics and plots go")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the DeepSpeed launcher")
+    args = parser.parse_args()
+    Trainer(load_resolved(args.config), args.run_dir).fit()
+
+
+if __name__ == "__main__":
+    main()
