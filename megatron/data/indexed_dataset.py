@@ -73,6 +73,22 @@ def check_dataset_exists(prefix: str) -> None:
         )
 
 
+def write_index_file(
+    path: str, dtype: type[np.number] | np.dtype, lengths: Sequence[int] | np.ndarray,
+    document_indices: Sequence[int] | np.ndarray,
+) -> None:
+    """Write an .idx file for sequences of `lengths` tokens stored back to back in the matching .bin."""
+    dtype = np.dtype(dtype)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1] * dtype.itemsize, out=pointers[1:])
+    with open(path, "wb") as f:
+        f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF_DTYPE[dtype], len(lengths), len(document_indices)))
+        f.write(lengths.astype(np.int32).tobytes())
+        f.write(pointers.tobytes())
+        f.write(np.asarray(document_indices, dtype=np.int64).tobytes())
+
+
 class IndexedDatasetWriter:
     """Streams tokens to PREFIX.bin and writes PREFIX.idx on `finalize()`.
 
@@ -153,18 +169,7 @@ class IndexedDatasetWriter:
         if self._document_indices[-1] != len(self._lengths):
             self.end_document()  # trailing sequences added with add_item form the last document
         self._bin.close()
-        lengths = np.asarray(self._lengths, dtype=np.int64)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
-        with open(self._tmp_idx, "wb") as f:
-            f.write(
-                _HEADER.pack(
-                    MAGIC, VERSION, _CODE_OF_DTYPE[self.dtype], len(lengths), len(self._document_indices)
-                )
-            )
-            f.write(lengths.astype(np.int32).tobytes())
-            f.write(pointers.tobytes())
-            f.write(np.asarray(self._document_indices, dtype=np.int64).tobytes())
+        write_index_file(self._tmp_idx, self.dtype, self._lengths, self._document_indices)
         # Drop a previous .idx first so an old index never sits next to the new .bin, then publish .bin before
         # .idx: readers look for the .idx, so a complete dataset appears only once both are in place.
         if os.path.exists(idx_path(self.prefix)):

@@ -83,18 +83,18 @@ def chunked(records: Iterator[Record], max_records: int) -> Iterator[list[Record
         yield chunk
 
 
-def run_chunks(chunks: Iterator[list[Record]], options: PreprocessOptions, dtype: np.dtype, workers: int
-               ) -> Iterator[ChunkResult]:
+def run_chunks(chunks: Iterator[list[Record]], dtype: np.dtype, workers: int) -> Iterator[ChunkResult]:
     """Results in input order. With several workers, at most 2 chunks per worker are in flight, so memory
-    stays bounded however large the input (Pool.imap would read the whole input ahead)."""
+    stays bounded however large the input (Pool.imap would read the whole input ahead). `main` has set up this
+    process with `preprocess.init_worker`; forked workers inherit that state instead of loading the tokenizer
+    again."""
     if workers == 1:
-        preprocess.init_worker(options)
         for chunk in chunks:
             yield preprocess.process_chunk(chunk, dtype)
         return
     import multiprocessing
 
-    with multiprocessing.get_context("fork").Pool(workers, preprocess.init_worker, (options,)) as pool:
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(preprocess.process_chunk, (chunk, dtype)))
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        desc="preprocess"))
         chunks = chunked(iter_records(inputs, options.keys), args.chunk_size)
         try:
-            for result in run_chunks(chunks, options, dtype, args.workers):
+            for result in run_chunks(chunks, dtype, args.workers):
                 for key, key_result in result.per_key.items():
                     write_key(writers[key], stats[key], key_result, result.records, options.dedup)
                 for message in result.bad_examples:
