@@ -128,8 +128,10 @@ def build_config(
         if not (set(i.key.split(",")) & bad_keys)
     ]
     if issues:
-        issues = [ConfigIssue(i.key, i.message, i.fix, i.value, i.file or sources.get(i.key.split(",")[0].split(".")[0]))
-                  for i in issues]
+        # Name the file that set the key; for a key no file set, the last file (where one would add it).
+        fallback = list(sources.values())[-1] if sources else None
+        issues = [ConfigIssue(i.key, i.message, i.fix, i.value,
+                              i.file or sources.get(i.key.split(",")[0].split(".")[0], fallback)) for i in issues]
         raise ConfigError(issues)
     return cfg
 

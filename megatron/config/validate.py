@@ -76,6 +76,11 @@ def _model_shape(cfg: "NeoXConfig") -> list[ConfigIssue]:
                                   "set no_weight_tying: true (Llama-3.1 is untied)", value=False))
     if cfg.use_bias_in_norms:
         issues.append(ConfigIssue("use_bias_in_norms", "RMSNorm has no bias", "set use_bias_in_norms: false", True))
+    return issues
+
+
+def _positions(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    issues = []
     if cfg.seq_length > cfg.max_positions:
         issues.append(ConfigIssue(
             "seq_length", f"seq_length {cfg.seq_length} exceeds max_position_embeddings {cfg.max_positions}",
@@ -195,14 +200,14 @@ def _data(cfg: "NeoXConfig") -> list[ConfigIssue]:
 def _checkpoint(cfg: "NeoXConfig") -> list[ConfigIssue]:
     issues = []
     if cfg.checkpoint_factor and not cfg.save:
-        issues.append(ConfigIssue("save", f"checkpoint_factor {cfg.checkpoint_factor} is set but save is not",
+        issues.append(ConfigIssue("checkpoint_factor,save", f"checkpoint_factor {cfg.checkpoint_factor} is set but save is not",
                                   "set save: a directory for checkpoints, or remove checkpoint_factor"))
     if cfg.finetune and not cfg.load:
-        issues.append(ConfigIssue("load", "finetune: true needs a checkpoint to start from",
+        issues.append(ConfigIssue("finetune,load", "finetune: true needs a checkpoint to start from",
                                   "set load: the checkpoint directory", None))
     return issues
 
 
 def check_cross_field(cfg: "NeoXConfig", available_devices: Optional[int] = None) -> list[ConfigIssue]:
     world = _world_size(cfg, available_devices)
-    return _required(cfg) + _model_shape(cfg) + _parallel(cfg, world) + _training(cfg) + _data(cfg) + _checkpoint(cfg)
+    return _required(cfg) + _model_shape(cfg) + _positions(cfg) + _parallel(cfg, world) + _training(cfg) + _data(cfg) + _checkpoint(cfg)

@@ -1,0 +1,145 @@
+"""The config schema: merging, validation before launch, shipped configs, the generated key reference."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron.config import ConfigError, build_config, load_config
+from megatron.config.docs import render
+from megatron.model.config import LlamaConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+PRESETS = sorted(CONFIGS.glob("llama3.1-*.yml"))
+RUN_STUB = {"train_iters": 10, "train_data_paths": ["data/x_text_document"]}
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def tiny_raw(**over):
+    raw = yaml.safe_load((CONFIGS / "tiny_cpu.yml").read_text())
+    raw.update(RUN_STUB)
+    raw.update(over)
+    return raw
+
+
+def test_shipped_model_presets_validate_and_count_parameters_exactly():
+    # Parameter counts of meta-llama/Llama-3.1-{8B,70B,405B} (HF safetensors index totals / model cards).
+    expected = {"8b": 8_030_261_248, "70b": 70_553_706_496, "405b": 405_853_388_800}
+    assert {p.stem.split("-")[1] for p in PRESETS} == set(expected)
+    for path in PRESETS:
+        raw = {**yaml.safe_load(path.read_text()), **RUN_STUB}
+        cfg = build_config(raw)
+        model = LlamaConfig.from_neox(cfg, cfg.vocab_size, params_dtype=None)
+        assert model.count_parameters() == expected[path.stem.split("-")[1]], path.name
+
+
+def test_astrosage_config_validates_against_the_gpus_it_names():
+    loaded = load_config([str(CONFIGS / "astrosage70b_cpt.yml")])
+    cfg = loaded.config
+    world = cfg.world_size()
+    assert world == 2048
+    assert (cfg.tp, cfg.pp, cfg.dp(world)) == (8, 8, 32)
+    assert cfg.zero_optimization.stage == 1 and cfg.checkpoint_activations
+    assert cfg.resolved_precision == "bf16" and cfg.seq_length == 8192
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.factor == 8.0
+
+
+def test_demo_configs_validate_together():
+    loaded = load_config([str(CONFIGS / "tiny_cpu.yml"), str(CONFIGS / "demo.yml")])
+    assert loaded.config.pp == 2 and loaded.config.world_size() == 2
+    assert any(line.startswith("num_gpus:") for line in loaded.overrides)
+
+
+def test_later_file_overrides_earlier_and_nested_maps_merge(tmp_path):
+    a = write(tmp_path, "a.yml", """
+        optimizer: {type: Adam, params: {lr: 1.0e-3, betas: [0.9, 0.95]}}
+        seq-length: 64
+        """)
+    b = write(tmp_path, "b.yml", """
+        optimizer: {params: {lr: 5.0e-4}}
+        seq_length: 128
+        """)
+    base = write(tmp_path, "base.yml", yaml.safe_dump(tiny_raw(seq_length=32)))
+    loaded = load_config([base, a, b])
+    cfg = loaded.config
+    assert cfg.seq_length == 128 and cfg.lr == 5.0e-4 and cfg.optimizer.params.betas == (0.9, 0.95)
+    assert any("seq_length: 64" in o and "b.yml" in o for o in loaded.overrides)
+    assert loaded.sources["seq_length"] == b
+
+
+MALFORMED = [
+    # (overrides, key that must be named, words expected in the message)
+    ({"num_layer": 4}, "num_layer", "num_layers"),  # typo → did-you-mean
+    ({"hidden_size": "wide"}, "hidden_size", "integer"),  # wrong type
+    ({"num_attention_heads": 6}, "hidden_size,num_attention_heads", "divisible"),  # 64 % 6
+    ({"num_kv_heads": 3}, "num_kv_heads", "multiple"),  # 4 % 3
+    ({"model_parallel_size": 3, "num_gpus": 3}, "model_parallel_size", "divisible"),  # heads % TP
+    ({"pipe_parallel_size": 8, "num_gpus": 8}, "pipe_parallel_size", "layers"),  # PP > layers
+    ({"model_parallel_size": 2, "num_gpus": 3}, "model_parallel_size,pipe_parallel_size", "world size"),
+    ({"train_batch_size": 7}, "train_batch_size", "must equal"),
+    ({"seq_length": 1024}, "seq_length", "max_position_embeddings"),
+    ({"norm": "layernorm"}, "norm", "rmsnorm"),
+    ({"min_lr": 1.0}, "min_lr", "peak lr"),
+    ({"train_data_weights": [0.5, 0.5]}, "train_data_weights", "weights"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage", "1"),
+    ({"rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 4096}}, "rope_scaling", "exceeds"),
+    ({"fp16": {"enabled": True}}, "fp16", "bf16"),
+    ({"data_path": "data/y", "train_data_paths": ["data/x"]}, "data_path,train_data_paths", "not both"),
+    ({"checkpoint_factor": 10}, "checkpoint_factor,save", "save"),
+    ({"model_parallel_size": 4, "num_kv_heads": 2, "num_attention_heads": 4, "num_gpus": 4,
+      "intermediate_size": 190}, "model_parallel_size", "intermediate_size"),
+]
+
+
+@pytest.mark.parametrize("over,key,words", MALFORMED, ids=[m[1] for m in MALFORMED])
+def test_malformed_config_is_refused_naming_the_key(tmp_path, over, key, words):
+    path = write(tmp_path, "bad.yml", yaml.safe_dump(tiny_raw(**over)))
+    with pytest.raises(ConfigError) as exc:
+        load_config([path])
+    issues = [i for i in exc.value.issues if i.key == key]
+    assert issues, f"{key!r} not named; got {exc.value.keys()}"
+    text = issues[0].format()
+    assert words in text, text
+    assert issues[0].file == path and issues[0].fix
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    path = write(tmp_path, "bad.yml", yaml.safe_dump(tiny_raw(num_layer=4, hidden_size="x", min_lr=1.0,
+                                                               seq_length=4096)))
+    with pytest.raises(ConfigError) as exc:
+        load_config([path])
+    assert {"num_layer", "hidden_size", "min_lr", "seq_length"} <= set(exc.value.keys())
+
+
+def test_deepy_refuses_bad_config_before_launch_without_traceback(tmp_path):
+    path = write(tmp_path, "bad.yml", yaml.safe_dump(tiny_raw(num_attention_heads=6)))
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", path], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "num_attention_heads" in proc.stderr and "nothing was launched" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_deepy_dry_run_writes_resolved_config_and_command(tmp_path):
+    good = write(tmp_path, "good.yml", yaml.safe_dump(tiny_raw(num_gpus=2, run_dir=str(tmp_path / "run"))))
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", good, "--dry-run"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yml").read_text())
+    assert resolved["num_gpus"] == 2 and resolved["pipe_partition_method"] == "type:transformer"
+    assert "--num_gpus 2" in proc.stdout and "--config" in proc.stdout
+
+
+def test_key_reference_is_up_to_date():
+    committed = (CONFIGS / "README.md").read_text()
+    assert committed == render(), "configs/README.md is stale: run `make docs-config`"
