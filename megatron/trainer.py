@@ -146,6 +146,11 @@ class Trainer:
         bar.close()
         if cfg.save and (not cfg.checkpoint_factor or self.iteration % cfg.checkpoint_factor):
             self.save()
+        train_losses = [r["train/loss"] for r in self.sinks.history if "train/loss" in r]
+        if len(train_losses) > 1:
+            drop = 100.0 * (1.0 - train_losses[-1] / train_losses[0])
+            self.sinks.print(f"training loss {train_losses[0]:.4f} -> {train_losses[-1]:.4f} ({drop:.1f}% lower) "
+                             f"over {self.iteration} steps")
         plot = self.sinks.plot()
         if plot:
             self.sinks.print(f"loss and learning-rate curves: {plot}")
