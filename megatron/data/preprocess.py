@@ -136,6 +136,8 @@ def process_chunk(records: Sequence[Record], dtype: np.dtype) -> ChunkResult:
     texts: dict[str, list[str]] = {k: [] for k in options.keys}
     results = {k: KeyResult(tokens=np.zeros(0, dtype)) for k in options.keys}
     examples: list[str] = []
+    if options.ftfy:
+        from ftfy import fix_text  # imported only when asked for: it takes a noticeable time to load
 
     def bad(record: Record, reason: str, key: str | None) -> None:
         message = f"{record.source}:{record.line}: {reason}" + (f" (key {key!r})" if key else "")
@@ -160,9 +162,7 @@ def process_chunk(records: Sequence[Record], dtype: np.dtype) -> ChunkResult:
                 continue
             result.text_bytes += len(text.encode("utf-8"))
             if options.ftfy:
-                import ftfy
-
-                fixed = ftfy.fix_text(text)
+                fixed = fix_text(text)
                 result.ftfy_fixed += fixed != text
                 text = fixed
             if drop := _drop_reason(text, options):

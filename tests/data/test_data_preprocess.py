@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from megatron.data.indexed_dataset import IndexedDataset
 
