@@ -37,7 +37,8 @@ def cuda_device_count() -> int:
 def runner_command(cfg: NeoXConfig, script: str, config_path: Path, run_dir: Path, gpus: int) -> list[str]:
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
     if cfg.hostfile:
-        cmd += ["--hostfile", cfg.hostfile, "--launcher", cfg.launcher]
+        launcher = "slurm" if cfg.deepspeed_slurm else cfg.launcher  # GPT-NeoX's deepspeed_slurm means srun
+        cmd += ["--hostfile", cfg.hostfile, "--launcher", launcher]
         if cfg.num_nodes > 0:
             cmd += ["--num_nodes", str(cfg.num_nodes)]
     else:
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(err.format(), file=sys.stderr)
         return 2
     cfg = loaded.config
+    if cfg.hostfile and not args.dry_run and not Path(cfg.hostfile).is_file():
+        print(f"{loaded.sources.get('hostfile')}: hostfile = {cfg.hostfile!r}: file not found; nothing was launched\n"
+              "    fix: write one line `HOST slots=GPUS` per node (under SLURM: scontrol show hostnames "
+              "$SLURM_JOB_NODELIST | sed 's/$/ slots=8/' > hostfile)", file=sys.stderr)
+        return 2
     for line in loaded.overrides:
         print(f"override  {line}")
 

@@ -93,6 +93,7 @@ MALFORMED = [
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage", "1"),
     ({"rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 4096}}, "rope_scaling", "exceeds"),
     ({"fp16": {"enabled": True}}, "fp16", "bf16"),
+    ({"num_nodes": 4}, "num_nodes,hostfile", "hostfile"),
     ({"data_path": "data/y", "train_data_paths": ["data/x"]}, "data_path,train_data_paths", "not both"),
     ({"checkpoint_factor": 10}, "checkpoint_factor,save", "save"),
     ({"model_parallel_size": 4, "num_kv_heads": 2, "num_attention_heads": 4, "num_gpus": 4,

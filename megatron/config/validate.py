@@ -128,6 +128,9 @@ def _parallel(cfg: "NeoXConfig", world: Optional[int]) -> list[ConfigIssue]:
     if cfg.sequence_parallel:
         issues.append(ConfigIssue("sequence_parallel", "sequence parallelism is not implemented yet",
                                   "set sequence_parallel: false", True))
+    if cfg.num_nodes > 1 and not cfg.hostfile:
+        issues.append(ConfigIssue("num_nodes,hostfile", f"{cfg.num_nodes} nodes need a hostfile naming them",
+                                  "set hostfile: a file with one `HOST slots=GPUS` line per node", cfg.num_nodes))
     if cfg.partition_activations and not cfg.checkpoint_activations:
         issues.append(ConfigIssue("partition_activations", "only applies to checkpointed activations",
                                   "set checkpoint_activations: true, or partition_activations: false", True))
