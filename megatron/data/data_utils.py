@@ -61,7 +61,8 @@ def _blend(
     if len(weights) != len(prefixes):
         raise ValueError(f"{split_name}: {len(prefixes)} data paths but {len(weights)} weights")
     if len(prefixes) == 1:
-        return GPTDataset(IndexedDataset(prefixes[0]), f"{split_name}_0", num_samples, seq_length, seed, cache_dir=cache_dir)
+        indexed = IndexedDataset(prefixes[0])
+        return GPTDataset(indexed, f"{split_name}_0", num_samples, seq_length, seed, cache_dir=cache_dir)
     total = float(sum(weights))
     components = [
         GPTDataset(

@@ -23,7 +23,8 @@ def test_merge(tmp_path, capsys):
     assert merge.main(["--inputs", a, b, "--output-prefix", str(tmp_path / "ab")]) == 0
     assert "10 documents" in capsys.readouterr().out
     ab, da, db = IndexedDataset(str(tmp_path / "ab")), IndexedDataset(a), IndexedDataset(b)
-    assert [ab[i].tolist() for i in range(10)] == [da[i].tolist() for i in range(6)] + [db[i].tolist() for i in range(4)]
+    expected = [da[i].tolist() for i in range(6)] + [db[i].tolist() for i in range(4)]
+    assert [ab[i].tolist() for i in range(10)] == expected
 
     c = write_dataset(str(tmp_path / "c"), random_docs(2), dtype=np.uint16)
     assert merge.main(["--inputs", a, c, "--output-prefix", str(tmp_path / "ac")]) == 1
