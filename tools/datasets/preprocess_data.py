@@ -75,6 +75,7 @@ def chunked(records: Iterator[Record], max_records: int) -> Iterator[list[Record
     size = 0
     for record in records:
         chunk.append(record)
+        # A Parquet row's size is unknown without walking it: count a nominal 256 bytes.
         size += len(record.payload) if isinstance(record.payload, bytes) else 256
         if len(chunk) >= max_records or size >= _CHUNK_BYTES:
             yield chunk
