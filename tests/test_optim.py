@@ -39,3 +39,18 @@ def test_no_weight_decay_on_norms_and_biases():
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and len(decay["params"]) == 1 and decay["params"][0].ndim == 2
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_precision_defaults_to_bf16_on_gpu_with_fp32_accumulation(monkeypatch):
+    from megatron.config.deepspeed_config import deepspeed_config
+
+    cfg = build_config(BASE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cfg.resolved_precision == "bf16"
+    ds = deepspeed_config(cfg, dp=4, precision=cfg.resolved_precision)
+    assert ds["bf16"] == {"enabled": True} and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["train_batch_size"] == 4 and ds["zero_optimization"]["stage"] == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cfg.resolved_precision == "fp32"
+    assert build_config({**BASE, "bf16": {"enabled": True}}).resolved_precision == "bf16"
+    assert deepspeed_config(cfg, dp=1, precision="fp32")["bf16"] == {"enabled": False}
