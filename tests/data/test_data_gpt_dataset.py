@@ -188,3 +188,23 @@ def test_rank_zero_builds_others_wait(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     assert np.array_equal(np.load(out + "_0.npy"), np.load(out + "_1.npy"))
+
+
+def test_multi_sequence_documents_are_one_token_range(tmp_path):
+    from megatron.data.indexed_dataset import IndexedDatasetWriter
+
+    prefix = str(tmp_path / "multi")
+    with IndexedDatasetWriter(prefix, np.int32) as writer:
+        writer.add_document(np.arange(0, 10), lengths=[3, 7])
+        writer.add_document(np.arange(100, 105))
+        writer.add_document(np.arange(200, 230), lengths=[10, 0, 20])
+        writer.finalize()
+    indexed = IndexedDataset(prefix)
+    starts, lengths = gpt_dataset.document_token_ranges(indexed)
+    assert starts.tolist() == [0, 10, 15] and lengths.tolist() == [10, 5, 30]
+    ds = GPTDataset(indexed, "t", 10, 4, seed=0, cache_dir=str(tmp_path / "c"))
+    docs = [np.arange(0, 10), np.arange(100, 105), np.arange(200, 230)]
+    stream = stream_of(ds, docs)
+    for i in range(10):
+        j = int(ds.shuffle_index[i])
+        assert np.array_equal(ds[i]["tokens"], stream[j * 4 : j * 4 + 5])
