@@ -50,7 +50,7 @@ class Trainer:
         backend = cfg.distributed_backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.layout.initialize(backend=backend, seed=cfg.seed)
+        self.layout.initialize(backend=backend, seed=cfg.seed, num_kv_heads=cfg.kv_heads, verbose=True)
         # Same seed on every TP/DP rank of a stage (init is seeded per layer anyway); stages differ, as in Megatron.
         self._seed_everything(cfg.seed + 100 * self.layout.pp_rank)
 

@@ -17,6 +17,27 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.model import sharding
 from megatron.model.config import LlamaConfig
 from megatron.model.rope import RotaryEmbedding, apply_rotary
+from megatron.parallel.layout import kv_group
+
+
+class _GatherSharedKV(torch.autograd.Function):
+    """All-gather the k/v head slices of the ranks sharing a kv head (last dim, rank order); the backward pass
+    sums the incoming gradients over the group (each rank's q heads used the whole head) and keeps this rank's
+    slice: an all-reduce plus a split, since gloo has no reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        ctx.rank, ctx.size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(ctx.size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad.chunk(ctx.size, dim=-1)[ctx.rank].contiguous(), None
 
 
 def tp_rank_size() -> tuple[int, int]:
@@ -45,10 +66,14 @@ def normal_full(shape: tuple[int, ...], std: float, seed: int, layer: int, name:
 
 
 @torch.no_grad()
-def copy_shard_(param: torch.Tensor, shard: torch.Tensor) -> None:
+def copy_shard_(param: torch.Tensor, shard: torch.Tensor, partition_dim: int) -> None:
+    """Fill a TP-sharded weight and mark it as such. megatron-core only sets the `tensor_model_parallel`
+    attribute when it initialises the weight itself; without it DeepSpeed's gradient norm would count the
+    weight on TP rank 0 only (as for the norms' weights, which every TP rank holds whole)."""
     if param.shape != shard.shape:
         raise ValueError(f"shard shape {tuple(shard.shape)} does not fit parameter {tuple(param.shape)}")
     param.copy_(shard.to(dtype=param.dtype, device=param.device))
+    tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=partition_dim, stride=1)
 
 
 class RMSNorm(torch.nn.Module):
@@ -75,9 +100,14 @@ class Attention(torch.nn.Module):
         self.rotary = RotaryEmbedding(d, cfg.rope_theta, cfg.rope_scaling)
         self.heads = cfg.num_attention_heads // tp
         self.kv_heads = sharding.kv_heads_per_rank(cfg.num_kv_heads, tp)
+        self.kv_rows = sharding.kv_rows_per_rank(cfg.num_kv_heads, tp, d)  # < kv_heads * d when the head is shared
+        self.kv_group = kv_group() if sharding.kv_replicas(cfg.num_kv_heads, tp) > 1 else None
+        if self.kv_rows < self.kv_heads * d and self.kv_group is None:
+            raise RuntimeError(f"TP {tp} > num_kv_heads {cfg.num_kv_heads} needs the kv-head groups: "
+                               "call ParallelLayout.initialize(..., num_kv_heads=...) first")
         mp = megatron_config(cfg)
         self.qkv = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, tp * (self.heads + 2 * self.kv_heads) * d, config=mp,
+            cfg.hidden_size, tp * (self.heads * d + 2 * self.kv_rows), config=mp,
             init_method=lambda w: None, bias=cfg.attn_bias, gather_output=False,
         )
         self.dense = tensor_parallel.RowParallelLinear(
@@ -89,9 +119,9 @@ class Attention(torch.nn.Module):
         q = normal_full((nq * d, h), std_in, s, layer_number, "q_proj")
         k = normal_full((nkv * d, h), std_in, s, layer_number, "k_proj")
         v = normal_full((nkv * d, h), std_in, s, layer_number, "v_proj")
-        copy_shard_(self.qkv.weight, sharding.shard_qkv(q, k, v, rank, tp, d))
+        copy_shard_(self.qkv.weight, sharding.shard_qkv(q, k, v, rank, tp, d), 0)
         o = normal_full((h, nq * d), std_out, s, layer_number, "o_proj")
-        copy_shard_(self.dense.weight, sharding.shard_dim(o, rank, tp, 1))
+        copy_shard_(self.dense.weight, sharding.shard_dim(o, rank, tp, 1), 1)
         for bias in (self.qkv.bias, self.dense.bias):
             if bias is not None:
                 with torch.no_grad():
@@ -101,7 +131,9 @@ class Attention(torch.nn.Module):
         b, s, _ = x.shape
         d = self.head_dim
         qkv, _ = self.qkv(x)
-        q, k, v = torch.split(qkv, [self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q, k, v = torch.split(qkv, [self.heads * d, self.kv_rows, self.kv_rows], dim=-1)
+        if self.kv_group is not None:  # this rank holds a slice of a shared kv head: gather the whole head
+            k, v = _GatherSharedKV.apply(torch.stack([k, v]), self.kv_group).unbind(0)
         q = q.view(b, s, self.heads, d).transpose(1, 2)
         k = k.view(b, s, self.kv_heads, d).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
@@ -134,9 +166,9 @@ class SwiGLU(torch.nn.Module):
         s, std_in, std_out = cfg.seed, cfg.input_std(), cfg.output_std()
         gate = normal_full((f, h), std_in, s, layer_number, "gate_proj")
         up = normal_full((f, h), std_in, s, layer_number, "up_proj")
-        copy_shard_(self.gate_up.weight, sharding.shard_gate_up(gate, up, rank, tp))
+        copy_shard_(self.gate_up.weight, sharding.shard_gate_up(gate, up, rank, tp), 0)
         down = normal_full((h, f), std_out, s, layer_number, "down_proj")
-        copy_shard_(self.down.weight, sharding.shard_dim(down, rank, tp, 1))
+        copy_shard_(self.down.weight, sharding.shard_dim(down, rank, tp, 1), 1)
         for bias in (self.gate_up.bias, self.down.bias):
             if bias is not None:
                 with torch.no_grad():
@@ -175,7 +207,7 @@ class Embedding(torch.nn.Module):
         )
         full = normal_full((cfg.vocab_size, cfg.hidden_size), cfg.input_std(), cfg.seed, -1, "embed_tokens")
         full = sharding.pad_vocab(full, cfg.padded_vocab_size)
-        copy_shard_(self.word_embeddings.weight, sharding.shard_dim(full, rank, tp, 0))
+        copy_shard_(self.word_embeddings.weight, sharding.shard_dim(full, rank, tp, 0), 0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(tokens)
@@ -193,7 +225,7 @@ class OutputLayer(torch.nn.Module):
         )
         full = normal_full((cfg.vocab_size, cfg.hidden_size), cfg.input_std(), cfg.seed, -1, "lm_head")
         full = sharding.pad_vocab(full, cfg.padded_vocab_size)
-        copy_shard_(self.linear.weight, sharding.shard_dim(full, rank, tp, 0))
+        copy_shard_(self.linear.weight, sharding.shard_dim(full, rank, tp, 0), 0)
         # Padding rows (added so the vocab divides over TP) must not take probability mass: mask their logits.
         local = cfg.padded_vocab_size // tp
         first_pad = cfg.vocab_size - rank * local

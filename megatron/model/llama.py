@@ -39,10 +39,14 @@ def layer_specs(cfg: LlamaConfig) -> list[LayerSpec]:
     )
 
 
-def _checkpoint_function(cfg: LlamaConfig):
+def _checkpoint_function(cfg: LlamaConfig, layout: ParallelLayout):
     if cfg.partition_activations:
         import deepspeed
 
+        # DeepSpeed's checkpointing splits each saved layer input over the TP ranks (which hold it replicated)
+        # and all-gathers it for the recomputation; it learns the TP group from the layout's mpu.
+        deepspeed.checkpointing.configure(layout.mpu(), partition_activations=True,
+                                          num_checkpoints=cfg.num_layers)
         return deepspeed.checkpointing.checkpoint
     return lambda fn, *args: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
@@ -54,7 +58,7 @@ def build_model(cfg: LlamaConfig, layout: ParallelLayout, partition_method: str 
         topology=layout.ds_topology(),
         partition_method=partition_method,
         activation_checkpoint_interval=cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0,
-        activation_checkpoint_func=_checkpoint_function(cfg),
+        activation_checkpoint_func=_checkpoint_function(cfg, layout),
         checkpointable_layers=["TransformerLayerPipe"],
         seed_layers=False,  # init is seeded per layer by the layers themselves (layout-independent)
     )

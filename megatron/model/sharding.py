@@ -4,7 +4,11 @@ One place for it: initialisation builds the full weight and takes this rank's sh
 model at every TP/PP), and the converters use the same functions. Fused layouts per TP rank:
   qkv:     [q heads of the rank ; its kv heads' k ; its kv heads' v]      (rows = output features)
   gate_up: [gate rows of the rank ; up rows of the rank]
-GQA with TP > num_kv_heads replicates each kv head on TP/num_kv_heads consecutive ranks.
+GQA with TP > num_kv_heads: each kv head is shared by r = TP/num_kv_heads consecutive ranks (the q heads on
+those ranks all attend with it). Its k rows (and v rows) are split in r slices of head_dim/r rows, one per rank,
+and the attention all-gathers the slices inside the group in the forward pass (so the backward pass sums the
+gradients of all ranks sharing the head). Every k/v weight element thus lives on exactly one rank: no replicas
+to keep in sync, and the gradient norm counts each kv head once.
 """
 
 from __future__ import annotations
@@ -25,8 +29,16 @@ def kv_head_range(rank: int, num_kv_heads: int, tp: int) -> range:
 
 
 def kv_replicas(num_kv_heads: int, tp: int) -> int:
-    """How many TP ranks hold a copy of each kv head (1 unless TP exceeds the kv heads)."""
+    """How many TP ranks share each kv head (1 unless TP exceeds the kv heads)."""
     return max(1, tp // num_kv_heads)
+
+
+def kv_rows_per_rank(num_kv_heads: int, tp: int, head_dim: int) -> int:
+    """Rows of k (and of v) this rank holds: whole heads, or a 1/r slice of its shared head."""
+    r = kv_replicas(num_kv_heads, tp)
+    if head_dim % r:
+        raise ValueError(f"head_dim {head_dim} does not split over the {r} ranks sharing a kv head")
+    return kv_heads_per_rank(num_kv_heads, tp) * head_dim // r
 
 
 def shard_dim(w: torch.Tensor, rank: int, tp: int, dim: int) -> torch.Tensor:
@@ -36,25 +48,16 @@ def shard_dim(w: torch.Tensor, rank: int, tp: int, dim: int) -> torch.Tensor:
 def shard_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, tp: int, head_dim: int) -> torch.Tensor:
     """q [nq*d, h], k/v [nkv*d, h] (HF layout) → this rank's fused [q_r; k_r; v_r]."""
     nkv = k.shape[0] // head_dim
-    heads = kv_head_range(rank, nkv, tp)
-    rows = slice(heads.start * head_dim, heads.stop * head_dim)
-    return torch.cat([shard_dim(q, rank, tp, 0), k[rows], v[rows]], dim=0)
+    # k and v rows split evenly in rank order: whole heads when TP divides nkv, head slices when TP exceeds it.
+    return torch.cat([shard_dim(q, rank, tp, 0), shard_dim(k, rank, tp, 0), shard_dim(v, rank, tp, 0)], dim=0)
 
 
 def unshard_qkv(shards: list[torch.Tensor], num_heads: int, num_kv_heads: int, head_dim: int):
-    """Inverse of shard_qkv over all TP ranks → (q, k, v) in HF layout (replicated kv heads taken once)."""
+    """Inverse of shard_qkv over all TP ranks → (q, k, v) in HF layout."""
     tp = len(shards)
-    nq_local = num_heads // tp
-    nkv_local = kv_heads_per_rank(num_kv_heads, tp)
-    qs, ks, vs = [], [None] * num_kv_heads, [None] * num_kv_heads
-    for rank, w in enumerate(shards):
-        q, k, v = torch.split(w, [nq_local * head_dim, nkv_local * head_dim, nkv_local * head_dim], dim=0)
-        qs.append(q)
-        for i, head in enumerate(kv_head_range(rank, num_kv_heads, tp)):
-            if ks[head] is None:
-                ks[head] = k[i * head_dim:(i + 1) * head_dim]
-                vs[head] = v[i * head_dim:(i + 1) * head_dim]
-    return torch.cat(qs, 0), torch.cat(ks, 0), torch.cat(vs, 0)
+    kv_rows = kv_rows_per_rank(num_kv_heads, tp, head_dim)
+    parts = [torch.split(w, [num_heads // tp * head_dim, kv_rows, kv_rows], dim=0) for w in shards]
+    return tuple(torch.cat([p[i] for p in parts], 0) for i in range(3))
 
 
 def shard_gate_up(gate: torch.Tensor, up: torch.Tensor, rank: int, tp: int) -> torch.Tensor:

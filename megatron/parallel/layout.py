@@ -14,6 +14,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+# Groups this module creates beyond megatron-core's: {"kv": this rank's group of TP ranks sharing a kv head}.
+_GROUPS: dict[str, object] = {}
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
@@ -63,8 +66,12 @@ class ParallelLayout:
 
         return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
 
-    def initialize(self, backend: str, seed: int, timeout_minutes: int = 30) -> None:
-        """Start torch.distributed (via DeepSpeed) and megatron-core's groups, then prove the layouts agree."""
+    def initialize(self, backend: str, seed: int, timeout_minutes: int = 30, num_kv_heads: Optional[int] = None,
+                   verbose: bool = False) -> None:
+        """Start torch.distributed (via DeepSpeed) and megatron-core's groups, then prove the layouts agree.
+
+        With `num_kv_heads` < TP, also create the groups of TP ranks that share one kv head (see kv_group_ranks).
+        """
         import deepspeed
         from megatron.core import parallel_state, tensor_parallel
 
@@ -76,10 +83,29 @@ class ParallelLayout:
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp
             )
-        self.check_agrees_with_megatron()
+        self.check_all_ranks_agree(verbose)
+        self._create_kv_groups(num_kv_heads)
         # Dropout inside TP regions must differ across TP ranks and agree across DP ranks: megatron-core's tracker.
         if torch.cuda.is_available():
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    def check_all_ranks_agree(self, verbose: bool = False) -> None:
+        """Every rank checks its own coordinates, then all ranks see every verdict (so all fail together)."""
+        try:
+            self.check_agrees_with_megatron()
+            verdict = None
+        except RuntimeError as err:
+            verdict = str(err)
+        verdicts = [None] * self.world_size
+        dist.all_gather_object(verdicts, (verdict, (self.tp_rank, self.pp_rank, self.dp_rank)))
+        bad = [v for v, _ in verdicts if v]
+        if len({coord for _, coord in verdicts}) != self.world_size:
+            bad.append(f"coordinates are not a bijection of the ranks: {[c for _, c in verdicts]}")
+        if bad:
+            raise RuntimeError("; ".join(bad))
+        if verbose and self.rank == 0:
+            print(f"layout {self.describe()}: megatron-core and DeepSpeed agree on the (tp, pp, dp) coordinates "
+                  f"of all {self.world_size} ranks", flush=True)
 
     def check_agrees_with_megatron(self) -> None:
         from megatron.core import parallel_state as ps
@@ -98,13 +124,62 @@ class ParallelLayout:
                 f"DeepSpeed {deepspeed_coord}"
             )
 
+    # ---- GQA: kv heads replicated when TP > num_kv_heads ----
+    def kv_group_ranks(self, num_kv_heads: int) -> list[list[int]]:
+        """Every group of global ranks that share one kv head: TP/num_kv_heads consecutive TP ranks of one
+        (pipe, data) slice. Empty when TP <= num_kv_heads (each rank then owns whole kv heads).
+
+        The model splits each shared kv head's k/v rows over its group and all-gathers them in the forward pass,
+        so the backward pass sums the gradient contributions of the ranks sharing the head (see
+        megatron.model.layers.Attention) and every k/v weight element lives on exactly one TP rank."""
+        if self.tp <= num_kv_heads:
+            return []
+        r = self.tp // num_kv_heads
+        groups = []
+        for pp in range(self.pp):
+            for dp in range(self.dp):
+                base = (pp * self.dp + dp) * self.tp
+                groups += [[base + h * r + i for i in range(r)] for h in range(num_kv_heads)]
+        return groups
+
+    def _create_kv_groups(self, num_kv_heads: Optional[int]) -> None:
+        _GROUPS.pop("kv", None)
+        for ranks in self.kv_group_ranks(num_kv_heads or self.tp):
+            group = dist.new_group(ranks)  # collective: every rank creates every group, in the same order
+            if self.rank in ranks:
+                _GROUPS["kv"] = group
+
+    # ---- the `mpu` object DeepSpeed's activation checkpointing wants ----
+    def mpu(self):
+        """megatron-core's parallel_state answers DeepSpeed's mpu questions (model parallel = TP here)."""
+        from megatron.core import parallel_state as ps
+
+        class _Mpu:
+            get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+            get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+            get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+            get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+            get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+            get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+            get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+            get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+            get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+
+        return _Mpu()
+
     @staticmethod
     def destroy() -> None:
         from megatron.core import parallel_state
 
+        _GROUPS.clear()
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def kv_group():
+    """This rank's group of TP ranks sharing a kv head, or None when kv heads are not shared."""
+    return _GROUPS.get("kv")
 
 
 def single_process_layout(backend: str = "gloo", seed: int = 1234, port: Optional[int] = None) -> ParallelLayout:
