@@ -98,6 +98,15 @@ MALFORMED = [
     ({"checkpoint_factor": 10}, "checkpoint_factor,save", "save"),
     ({"model_parallel_size": 4, "num_kv_heads": 2, "num_attention_heads": 4, "num_gpus": 4,
       "intermediate_size": 190}, "model_parallel_size", "intermediate_size"),
+    # 3D-parallel layouts that cannot be built
+    ({"hidden_size": 96, "num_attention_heads": 12, "num_kv_heads": 3, "model_parallel_size": 2, "num_gpus": 2},
+     "model_parallel_size", "divide one another"),  # kv heads neither split nor replicated evenly
+    ({"num_attention_heads": 16, "num_kv_heads": 1, "model_parallel_size": 8, "num_gpus": 8},
+     "model_parallel_size", "head size 4 is not divisible by 8"),  # a shared kv head's rows do not split
+    ({"pipe_parallel_size": 2, "model_parallel_size": 2, "num_gpus": 6}, "model_parallel_size,pipe_parallel_size",
+     "world size 6"),  # world size not TP x PP x DP
+    ({"pipe_parallel_size": 5, "num_gpus": 5}, "pipe_parallel_size", "only 4 layers"),
+    ({"partition_activations": True}, "partition_activations", "checkpointed activations"),
 ]
 
 

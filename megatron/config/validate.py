@@ -113,6 +113,12 @@ def _parallel(cfg: "NeoXConfig", world: Optional[int]) -> list[ConfigIssue]:
                 "model_parallel_size", f"num_kv_heads {nkv} and model_parallel_size {tp} must divide one another "
                 "(kv heads are split when TP divides them, replicated when TP is a multiple of them)",
                 f"use model_parallel_size among {sorted(set(_divisors(nkv)) | {nkv * k for k in range(1, 9)})}", tp))
+        elif tp > nkv and cfg.hidden_size and (cfg.hidden_size // cfg.num_attention_heads) % (tp // nkv):
+            head, r = cfg.hidden_size // cfg.num_attention_heads, tp // nkv
+            issues.append(ConfigIssue(
+                "model_parallel_size", f"each kv head is shared by model_parallel_size / num_kv_heads = {r} ranks, "
+                f"which split its k/v rows, but the head size {head} is not divisible by {r}",
+                f"use model_parallel_size <= {nkv * max(d for d in _divisors(head) if d <= r)} or more kv heads", tp))
     if cfg.intermediate_size and cfg.intermediate_size % tp:
         issues.append(ConfigIssue(
             "model_parallel_size", f"intermediate_size {cfg.intermediate_size} is not divisible by "
