@@ -52,7 +52,7 @@ def _checkpoint_function(cfg: LlamaConfig, layout: ParallelLayout):
 
 
 def build_model(cfg: LlamaConfig, layout: ParallelLayout, partition_method: str = "type:transformer") -> PipelineModule:
-    return PipelineModule(
+    model = PipelineModule(
         layers=layer_specs(cfg),
         loss_fn=causal_lm_loss,
         topology=layout.ds_topology(),
@@ -62,3 +62,7 @@ def build_model(cfg: LlamaConfig, layout: ParallelLayout, partition_method: str 
         checkpointable_layers=["TransformerLayerPipe"],
         seed_layers=False,  # init is seeded per layer by the layers themselves (layout-independent)
     )
+    # DeepSpeed's PipelineEngine computes which layer blocks to checkpoint; without it (a bare `model(tokens)`)
+    # forward() would silently skip every layer when checkpointing is on. Do it here so both paths work.
+    model._precompute_checkpointable_values()
+    return model
