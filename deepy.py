@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
+    if not gpus:
+        # CPU ranks share the cores: without this each rank starts one thread per core and they thrash.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.world_size())))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.call(cmd, env=env)
 
