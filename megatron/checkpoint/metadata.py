@@ -1,0 +1,148 @@
+"""This project's layer on top of DeepSpeed's checkpoint files: a completeness marker and an atomic `latest`.
+
+A checkpoint root holds one folder per tag (`global_step{N}`) with DeepSpeed's files:
+
+    layer_{spec:02d}-model_{tp:02d}-model_states.pt   weights of one pipeline spec on one TP rank
+    mp_rank_{mp:02d}_model_states.pt                   per model-parallel rank (mp = pp_rank * tp + tp_rank):
+                                                       scheduler, client state, param shapes
+    zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt ZeRO-1 optimizer partitions (absent for weights-only)
+
+plus `neox_meta.json`, written by rank 0 only after every rank has written its files. A tag folder without it is
+incomplete (a save that was killed) and is never loaded. `latest` names the newest complete tag; it is replaced
+by an atomic rename, so a crash leaves either the old or the new pointer, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+META_NAME = "neox_meta.json"
+LATEST = "latest"
+FORMAT_VERSION = 1
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(iteration: int) -> str:
+    return f"global_step{iteration}"
+
+
+def tag_iteration(tag: str) -> Optional[int]:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def layer_file(spec_index: int, tp_rank: int) -> str:
+    return f"layer_{spec_index:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def mp_rank_file(mp_rank: int) -> str:
+    return f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def optim_file(dp_rank: int, mp_rank: int) -> str:
+    return f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def library_versions() -> dict:
+    import deepspeed
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["megatron-core"] = version("megatron-core")
+    except Exception:  # running from a wheel unpacked on PYTHONPATH without metadata
+        out["megatron-core"] = "unknown"
+    return out
+
+
+def build_meta(*, iteration: int, consumed_samples: int, tp: int, pp: int, dp: int, model: dict,
+               has_optimizer: bool, config: Optional[dict] = None, data_state: Optional[dict] = None,
+               source: str = "train") -> dict:
+    """The metadata every checkpoint carries. `model` holds the shape keys (num_layers, hidden_size, ...)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": source,  # "train", or "hf" for a converter's output
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "layout": {"tp": tp, "pp": pp, "dp": dp},
+        "model": model,
+        "has_optimizer": has_optimizer,
+        "data_state": data_state or {},
+        "config": config,
+        "versions": library_versions(),
+        "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def write_meta(tag_dir: Path, meta: dict) -> None:
+    _atomic_write_text(Path(tag_dir) / META_NAME, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def read_meta(tag_dir: Path) -> dict:
+    path = Path(tag_dir) / META_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint: {META_NAME} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupt ({e}); this checkpoint cannot be trusted") from None
+
+
+def write_latest(root: Path, tag: str) -> None:
+    _atomic_write_text(Path(root) / LATEST, tag)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (Path(tag_dir) / META_NAME).is_file()
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Complete tags in `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    tags = [(tag_iteration(p.name), p.name) for p in root.iterdir() if p.is_dir() and tag_iteration(p.name) is not None]
+    return [t for _, t in sorted(tags) if is_complete(root / t)]
+
+
+def find_loadable_tag(root: Path, tag: Optional[str] = None) -> Optional[str]:
+    """The tag to load: `tag` if given, else the one `latest` names, else the newest complete one.
+
+    Incomplete folders (a save that was interrupted) are skipped with a warning, falling back to the newest complete
+    checkpoint, so a job killed while saving resumes from the previous one.
+    """
+    root = Path(root)
+    if tag is not None:
+        if not is_complete(root / tag):
+            raise FileNotFoundError(f"checkpoint {root / tag} is missing or incomplete (no {META_NAME})")
+        return tag
+    complete = complete_tags(root)
+    for p in sorted(root.glob("global_step*")) if root.is_dir() else []:
+        if p.is_dir() and not is_complete(p) and (not complete or tag_iteration(p.name) > tag_iteration(complete[-1])):
+            warnings.warn(f"skipping incomplete checkpoint {p} (no {META_NAME}: the save was interrupted); "
+                          f"loading the newest complete one instead")
+    latest_path = root / LATEST
+    named = latest_path.read_text().strip() if latest_path.is_file() else None
+    if named and is_complete(root / named):
+        # A newer complete tag means the job died after the save but before the pointer moved: take the newer.
+        newer = [t for t in complete if tag_iteration(t) > (tag_iteration(named) or -1)]
+        return newer[-1] if newer else named
+    return complete[-1] if complete else None
