@@ -61,6 +61,19 @@ class PrecisionFlag(_Strict):
     enabled: bool = Field(False, description="Turn this precision on.")
 
 
+class ReplaySpec(_Strict):
+    """Per-epoch replay of general text during continued pretraining (AstroSage recipe, docs/replay.md)."""
+
+    data_paths: list[str] = Field(..., min_length=1, description="General-text dataset prefixes (the replay pool).")
+    data_weights: Optional[list[float]] = Field(None, description="Blend weights of data_paths (unset: by size).")
+    fraction: float = Field(0.1, gt=0, lt=1, description="Share of each epoch's training tokens that are replay.")
+    fresh_each_epoch: bool = Field(True, description="Draw different replay documents in every epoch.")
+    valid_data_paths: Optional[list[str]] = Field(
+        None, description="Held-out general text, evaluated separately as valid_replay/loss."
+    )
+    valid_data_weights: Optional[list[float]] = Field(None, description="Blend weights of valid_data_paths.")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sections. Field order is the order of the key reference.
 # --------------------------------------------------------------------------------------------------------------
@@ -138,7 +151,12 @@ class TrainingArgs(_Strict):
     train_batch_size: Optional[int] = Field(
         None, gt=0, description="Global batch (= micro x accumulation x DP); unset means derived."
     )
-    train_iters: Optional[int] = Field(None, gt=0, description="Optimizer steps to train (required).")
+    train_iters: Optional[int] = Field(
+        None, gt=0, description="Optimizer steps to train (required unless train_epochs is set)."
+    )
+    train_epochs: Optional[float] = Field(
+        None, gt=0, description="Epochs over the training data (fractions allowed); train_iters is derived from it."
+    )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="`{type, params: {lr, betas, eps}}`.")
     lr_decay_style: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     lr_decay_iters: Optional[int] = Field(None, gt=0, description="Steps over which lr decays; unset means train_iters.")
@@ -178,6 +196,14 @@ class DataArgs(_Strict):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     eval_interval: int = Field(1000, gt=0, description="Run validation every this many steps.")
     eval_iters: int = Field(10, ge=0, description="Validation micro-batches per evaluation (0 disables).")
+    replay: Optional[ReplaySpec] = Field(
+        None, description="`{data_paths, fraction, fresh_each_epoch, valid_data_paths}`: per-epoch general-text replay."
+    )
+    reset_position_ids: bool = Field(False, description="Restart positions at 0 after each end-of-document token.")
+    reset_attention_mask: bool = Field(
+        False, description="Tokens attend only within their own document of a packed sample (document masking)."
+    )
+    eod_mask_loss: bool = Field(False, description="Exclude the loss on predicting the token after an EOD token.")
 
 
 class CheckpointArgs(_Strict):
@@ -188,6 +214,26 @@ class CheckpointArgs(_Strict):
     checkpoint_factor: Optional[int] = Field(None, gt=0, description="Save every this many steps.")
     keep_last_n_checkpoints: Optional[int] = Field(None, gt=0, description="Delete older checkpoints beyond N.")
     finetune: bool = Field(False, description="Load weights only from `load` and start a new run at step 0.")
+    load_iteration: Optional[int] = Field(
+        None, ge=0, description="Load this step's checkpoint instead of the newest complete one."
+    )
+    extra_save_iters: Optional[list[int]] = Field(None, description="Also save at these steps.")
+    override_lr_scheduler: bool = Field(
+        False, description="On resume, take the lr schedule from this config instead of the checkpoint."
+    )
+    exit_interval: Optional[int] = Field(None, gt=0, description="Save and exit 0 once the step is a multiple of this.")
+    exit_duration_in_mins: Optional[float] = Field(
+        None, gt=0, description="Save and exit 0 after this many minutes (leave room for the save)."
+    )
+    save_on_signal: bool = Field(
+        True, description="On SIGTERM/SIGUSR1 (SLURM's warning before the time limit) save and exit 0."
+    )
+    max_bad_steps: int = Field(
+        5, ge=1, description="Stop after this many consecutive steps with a NaN/Inf loss or gradient norm."
+    )
+    loss_spike_factor: float = Field(
+        3.0, gt=1, description="Log a loss spike when the loss exceeds this factor times the recent maximum."
+    )
 
 
 class LoggingArgs(_Strict):
@@ -202,6 +248,15 @@ class LoggingArgs(_Strict):
     wandb_project: str = Field("neox", description="W&B project.")
     wandb_group: Optional[str] = Field(None, description="W&B run group.")
     wandb_team: Optional[str] = Field(None, description="W&B entity (team or user).")
+    profile: bool = Field(False, description="Profile steps profile_step_start..profile_step_stop with torch.profiler.")
+    profile_step_start: int = Field(10, ge=1, description="First profiled step.")
+    profile_step_stop: int = Field(12, ge=1, description="Last profiled step.")
+    profile_memory_snapshot: bool = Field(
+        False, description="With profile on GPU: also dump a CUDA memory snapshot (pickle for pytorch.org/memory_viz)."
+    )
+    log_phase_times: bool = Field(
+        False, description="Log a per-phase wall-clock breakdown (data, forward, backward, optimizer, communication)."
+    )
 
 
 class LauncherArgs(_Strict):
