@@ -15,7 +15,8 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron.config.loader import load_resolved  # noqa: E402
-from megatron.trainer import Trainer  # noqa: E402
+from megatron.checkpoint.manager import CheckpointMismatchError  # noqa: E402
+from megatron.trainer import Trainer, TrainingDiverged  # noqa: E402
 
 
 def main() -> None:
@@ -24,7 +25,13 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True, help="where logs, metrics and plots go")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the DeepSpeed launcher")
     args = parser.parse_args()
-    Trainer(load_resolved(args.config), args.run_dir).fit()
+    try:
+        Trainer(load_resolved(args.config), args.run_dir).fit()
+    except CheckpointMismatchError as e:  # a user error: say what and how to fix it, without a traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except TrainingDiverged:  # already explained in the log
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -5,26 +5,26 @@ config → layout (process groups) → tokenizer → model (PipelineModule) → 
 
 from __future__ import annotations
 
+import math
 import os
 import random
-import shutil
 import sys
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from megatron.checkpoint.manager import CheckpointManager
 from megatron.config.deepspeed_config import deepspeed_config
-from megatron.config.loader import save_resolved
 from megatron.config.schema import NeoXConfig
 from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader
 from megatron.data.tokenizer import build_tokenizer
+from megatron.guards import BadStepGuard, ExitConditions, injected_nan_steps
 from megatron.metrics import MetricSinks, StepTimer, flops_per_token, format_step, peak_memory_gib
 from megatron.model.config import LlamaConfig
 from megatron.model.llama import build_model
-from megatron.optim import build_optimizer, build_scheduler
+from megatron.optim import build_optimizer, build_scheduler, lr_at
 from megatron.parallel.layout import ParallelLayout
 
 
@@ -73,8 +73,16 @@ class Trainer:
             wandb_kwargs={"project": cfg.wandb_project, "group": cfg.wandb_group, "entity": cfg.wandb_team},
             config=cfg.to_yaml_dict(),
         )
+        self.checkpoints = CheckpointManager(cfg, self.engine, self.layout, self.model_cfg, self.sinks.print)
         if cfg.load:
-            self._load(cfg.load)
+            loaded = self.checkpoints.load()
+            if loaded is not None:
+                self.iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
+        self._set_schedule_step(self.iteration)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.exit = ExitConditions(cfg.exit_interval, cfg.exit_duration_in_mins, cfg.save_on_signal, device)
+        self.guard = BadStepGuard(cfg.max_bad_steps, cfg.loss_spike_factor)
+        self._install_nan_injection(injected_nan_steps())
         self._build_data()
         n_params = self.model_cfg.count_parameters()
         self.sinks.print(
@@ -88,6 +96,32 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    def _set_schedule_step(self, iteration: int) -> None:
+        """The lr schedule is a pure function of the step and the config, so resume sets it rather than loading it
+        (override_lr_scheduler decides whether a changed schedule is accepted: see CheckpointManager)."""
+        sched = self.engine.lr_scheduler
+        groups = sched.optimizer.param_groups
+        for group in groups:
+            group["initial_lr"], group["lr"] = self.cfg.lr, lr_at(iteration, self.cfg)
+        sched.base_lrs = [self.cfg.lr] * len(groups)
+        sched.last_epoch = iteration
+        sched._last_lr = [g["lr"] for g in groups]
+
+    def _install_nan_injection(self, steps: set[int]) -> None:
+        """Tests only (NEOX_INJECT_NAN_STEPS): turn the loss into NaN at the given steps to exercise the guard."""
+        if not steps:
+            return
+        module, loss_fn = self.engine.module, self.engine.module.loss_fn
+
+        def poisoned(output, labels):
+            loss = loss_fn(output, labels)
+            return loss * float("nan") if self.iteration + 1 in steps else loss
+
+        module.loss_fn = poisoned
+
+    def _data_state(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -113,24 +147,35 @@ class Trainer:
         timer, window_losses, last = StepTimer(), [], {}
         bar = tqdm(total=cfg.train_iters, initial=self.iteration, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_logger and sys.stderr.isatty()))  # log lines suffice in files
+        stop_reason = None
         while self.iteration < cfg.train_iters:
-            loss = self.engine.train_batch(data_iter=self.train_iter)  # forward+backward over all micro-batches
+            loss = self.engine.train_batch(data_iter=self.train_iter).item()  # all micro-batches, then the update
             self.iteration += 1
             self.consumed_samples += self.global_batch
-            window_losses.append(loss.item())
             bar.update(1)
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            for message in self.guard.observe(self.iteration, loss, grad_norm):
+                self.sinks.print(message)
+            if self.guard.should_stop:
+                stop_reason = "bad_steps"
+                break
+            if math.isfinite(loss):
+                window_losses.append(loss)
 
             if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
                 seconds = timer.lap()
-                tokens_per_s = len(window_losses) * self.global_batch * cfg.seq_length / seconds
+                steps = max(1, len(window_losses))
+                tokens_per_s = steps * self.global_batch * cfg.seq_length / seconds
                 last = {
-                    "loss": sum(window_losses) / len(window_losses),
+                    "loss": sum(window_losses) / steps if window_losses else float("nan"),
                     "lr": self.engine.get_lr()[0],
-                    "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "grad_norm": grad_norm if grad_norm is not None else 0.0,
                     "tokens_per_s": tokens_per_s,
                     "tflops_per_gpu": flops_token * tokens_per_s / self.layout.world_size / 1e12,
                     "peak_mem_gib": peak_memory_gib(),
                     "consumed_samples": self.consumed_samples,
+                    "skipped_steps": self.guard.total_skipped,
                 }
                 self.sinks.log(self.iteration, last)
                 if self.is_logger:
@@ -141,11 +186,18 @@ class Trainer:
                                               or self.iteration == cfg.train_iters):
                 self.evaluate()
                 timer.lap()  # validation time is not training throughput
-            if cfg.save and cfg.checkpoint_factor and self.iteration % cfg.checkpoint_factor == 0:
+            if self._save_due():
                 self.save()
+            stop_reason = self.exit.check(self.iteration)
+            if stop_reason:
+                break
         bar.close()
-        if cfg.save and (not cfg.checkpoint_factor or self.iteration % cfg.checkpoint_factor):
-            self.save()
+        if stop_reason == "bad_steps":
+            return self._stop_on_bad_steps()
+        if cfg.save:
+            self.save()  # no-op if this step was just saved
+        if stop_reason:
+            self.sinks.print(f"stopping at step {self.iteration}: {stop_reason}; checkpoint saved, exiting cleanly")
         train_losses = [r["train/loss"] for r in self.sinks.history if "train/loss" in r]
         if len(train_losses) > 1:
             drop = 100.0 * (1.0 - train_losses[-1] / train_losses[0])
@@ -156,6 +208,28 @@ class Trainer:
             self.sinks.print(f"loss and learning-rate curves: {plot}")
         self.sinks.close()
         return last
+
+    def _save_due(self) -> bool:
+        cfg = self.cfg
+        if not cfg.save:
+            return False
+        return bool((cfg.checkpoint_factor and self.iteration % cfg.checkpoint_factor == 0)
+                    or (cfg.extra_save_iters and self.iteration in cfg.extra_save_iters))
+
+    def _stop_on_bad_steps(self) -> dict:
+        """Every bad step's update was skipped, so the weights are still those from before the fault: save them
+        (with the data position past the bad batches) and stop with a message saying what to do."""
+        g = self.guard
+        where = ""
+        if self.cfg.save:
+            path = self.save()
+            where = f" The weights from before the fault are saved in {path}."
+        message = (f"stopping: {g.consecutive} consecutive steps ({g.first_bad_step}..{self.iteration}) had a "
+                   f"non-finite loss or gradient norm (max_bad_steps {g.max_bad_steps}).{where} Lower the learning "
+                   f"rate (override_lr_scheduler: true) or skip the data, then resume.")
+        self.sinks.print(message)
+        self.sinks.close()
+        raise TrainingDiverged(message)
 
     def evaluate(self) -> float:
         cfg, lay = self.cfg, self.layout
@@ -169,42 +243,12 @@ class Trainer:
         return loss
 
     # ------------------------------------------------------------------ checkpoints
-    def _tag(self, iteration: int) -> str:
-        return f"global_step{iteration}"
+    def save(self):
+        return self.checkpoints.save(self.iteration, self.consumed_samples, self._data_state())
 
-    def save(self) -> None:
-        cfg = self.cfg
-        tag = self._tag(self.iteration)
-        state = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-                 "config": cfg.to_yaml_dict()}
-        self.engine.save_checkpoint(cfg.save, tag=tag, client_state=state)
-        if self.is_logger:
-            save_resolved(cfg, Path(cfg.save) / tag / "config.yml")
-            self.sinks.print(f"saved checkpoint {Path(cfg.save) / tag}")
-            self._prune(Path(cfg.save))
-        torch.distributed.barrier()
 
-    def _prune(self, root: Path) -> None:
-        keep = self.cfg.keep_last_n_checkpoints
-        if not keep:
-            return
-        tags = sorted((p for p in root.glob("global_step*") if p.is_dir()), key=lambda p: int(p.name[11:]))
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _load(self, load_dir: str) -> None:
-        finetune = self.cfg.finetune
-        path, state = self.engine.load_checkpoint(
-            load_dir, load_optimizer_states=not finetune, load_lr_scheduler_states=not finetune,
-            load_module_only=finetune,
-        )
-        if path is None:
-            self.sinks.print(f"no checkpoint found in {load_dir}; starting from scratch")
-            return
-        if not finetune:
-            self.iteration = int(state["iteration"])
-            self.consumed_samples = int(state["consumed_samples"])
-        self.sinks.print(f"loaded {path} ({'weights only, new run' if finetune else f'step {self.iteration}'})")
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; train.py turns it into exit code 3."""
 
 
 def run(cfg: NeoXConfig, run_dir: Optional[str] = None) -> dict:

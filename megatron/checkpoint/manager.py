@@ -1,0 +1,203 @@
+"""Saving and loading training checkpoints: DeepSpeed's files plus this project's metadata, RNG states and pointer.
+
+Save order (what makes an interrupted save harmless):
+  1. rank 0 removes a stale marker if the tag folder already exists (a save of this step that was killed);
+  2. every rank writes its DeepSpeed files and its RNG state;
+  3. barrier; rank 0 writes config.yml, then `neox_meta.json` (the completeness marker), then moves `latest`
+     (atomic rename) and prunes old checkpoints.
+Load picks the newest complete checkpoint (see `metadata.find_loadable_tag`) and resumes it through DeepSpeed when
+the layout is unchanged, or through `reshard` when TP, PP or DP differ.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from megatron.checkpoint import metadata, rng
+from megatron.checkpoint.reshard import load_resharded
+from megatron.config.loader import save_resolved
+from megatron.config.schema import NeoXConfig
+from megatron.model.config import LlamaConfig
+
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "lr_decay_style", "decay_iters")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint cannot be used with this config (model shape or schedule differ)."""
+
+
+@dataclass
+class LoadedState:
+    path: Path
+    iteration: int = 0
+    consumed_samples: int = 0
+    data_state: dict = field(default_factory=dict)
+    weights_only: bool = False
+    resharded: bool = False
+
+
+def model_meta(cfg: NeoXConfig, model_cfg: LlamaConfig) -> dict:
+    """The model keys (NeoX config names) that a checkpoint's tensors correspond to."""
+    return {
+        "num_layers": model_cfg.num_layers, "hidden_size": model_cfg.hidden_size,
+        "num_attention_heads": model_cfg.num_attention_heads, "num_kv_heads": model_cfg.num_kv_heads,
+        "intermediate_size": model_cfg.intermediate_size, "vocab_size": model_cfg.vocab_size,
+        "padded_vocab_size": model_cfg.padded_vocab_size,
+        "make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by,
+        "max_position_embeddings": model_cfg.max_position_embeddings,
+        "rms_norm_epsilon": model_cfg.rms_norm_epsilon, "rotary_emb_base": model_cfg.rope_theta,
+        "rope_scaling": model_cfg.rope_scaling, "seq_length": cfg.seq_length,
+        "tokenizer_type": cfg.tokenizer_type, "vocab_file": cfg.vocab_file,
+    }
+
+
+def schedule_meta(cfg: NeoXConfig) -> dict:
+    return {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup": cfg.warmup, "lr_decay_style": cfg.lr_decay_style,
+            "decay_iters": cfg.lr_decay_iters or cfg.train_iters}
+
+
+def _describe(model: dict) -> str:
+    return ", ".join(f"{k}={model.get(k)}" for k in SHAPE_KEYS)
+
+
+class CheckpointManager:
+    def __init__(self, cfg: NeoXConfig, engine, layout, model_cfg: LlamaConfig, log: Callable[[str], None]):
+        self.cfg, self.engine, self.layout, self.model_cfg, self.log = cfg, engine, layout, model_cfg, log
+        self.rank = layout.rank
+        self.last_saved: Optional[int] = None
+
+    # ------------------------------------------------------------------ save
+    def save(self, iteration: int, consumed_samples: int, data_state: dict) -> Optional[Path]:
+        cfg = self.cfg
+        if not cfg.save or self.last_saved == iteration:
+            return None
+        root, tag = Path(cfg.save), metadata.tag_for(iteration)
+        tag_dir = root / tag
+        if self.rank == 0:
+            (tag_dir / metadata.META_NAME).unlink(missing_ok=True)  # an overwrite is incomplete until re-marked
+        torch.distributed.barrier()
+        client_state = {"iteration": iteration, "consumed_samples": consumed_samples, "data_state": data_state}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        rng_path = tag_dir / f"rng_state_{self.rank:05d}.pt"
+        torch.save(rng.capture(), rng_path.with_suffix(".tmp"))
+        os.replace(rng_path.with_suffix(".tmp"), rng_path)
+        _fault_pause_in_save(self.rank, iteration)
+        torch.distributed.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+        if self.rank == 0:
+            save_resolved(cfg, tag_dir / "config.yml")
+            lay = self.layout
+            meta = metadata.build_meta(
+                iteration=iteration, consumed_samples=consumed_samples, tp=lay.tp, pp=lay.pp, dp=lay.dp,
+                model=model_meta(cfg, self.model_cfg), has_optimizer=True, config=cfg.to_yaml_dict(),
+                data_state=data_state)
+            meta["schedule"] = schedule_meta(cfg)
+            meta["tokens_seen"] = consumed_samples * cfg.seq_length
+            meta["skipped_steps"] = int(getattr(self.engine, "skipped_steps", 0))
+            metadata.write_meta(tag_dir, meta)
+            metadata.write_latest(root, tag)
+            self._prune(root)
+            self.log(f"saved checkpoint {tag_dir}")
+        torch.distributed.barrier()
+        self.last_saved = iteration
+        return tag_dir
+
+    def _prune(self, root: Path) -> None:
+        keep = self.cfg.keep_last_n_checkpoints
+        if not keep:
+            return
+        for old in metadata.complete_tags(root)[:-keep]:
+            # Drop the marker first: a prune cut short leaves an incomplete folder, never a half-deleted "complete" one.
+            (root / old / metadata.META_NAME).unlink(missing_ok=True)
+            shutil.rmtree(root / old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(self) -> Optional[LoadedState]:
+        cfg, lay = self.cfg, self.layout
+        root = Path(cfg.load)
+        wanted = metadata.tag_for(cfg.load_iteration) if cfg.load_iteration is not None else None
+        tag = metadata.find_loadable_tag(root, wanted)
+        if tag is None:
+            self.log(f"no complete checkpoint in {root}; starting from scratch")
+            return None
+        tag_dir = root / tag
+        meta = metadata.read_meta(tag_dir)
+        self._check_model(meta, tag_dir)
+        finetune = cfg.finetune
+        weights_only = finetune or not meta.get("has_optimizer", True)
+        src = meta["layout"]
+        same_layout = (src["tp"], src["pp"], src["dp"]) == (lay.tp, lay.pp, lay.dp)
+        if same_layout:
+            try:
+                path, _ = self.engine.load_checkpoint(
+                    str(root), tag=tag, load_optimizer_states=not weights_only, load_lr_scheduler_states=False,
+                    load_module_only=weights_only)
+            except RuntimeError as e:
+                raise CheckpointMismatchError(f"checkpoint {tag_dir} could not be loaded: {e}") from None
+            if path is None:
+                raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {tag_dir}")
+        else:
+            self.log(f"resharding {tag_dir}: saved as TP {src['tp']} x PP {src['pp']} x DP {src['dp']}, "
+                     f"loading as TP {lay.tp} x PP {lay.pp} x DP {lay.dp}"
+                     + (" (weights only)" if weights_only else " (weights and optimizer state)"))
+            load_resharded(self.engine, tag_dir, meta, self.model_cfg, lay.tp_rank, lay.tp,
+                           load_optimizer=not weights_only)
+        state = LoadedState(path=tag_dir, weights_only=weights_only, resharded=not same_layout)
+        if not finetune:
+            self._check_schedule(meta, tag_dir)
+            state.iteration = int(meta["iteration"])
+            state.consumed_samples = int(meta["consumed_samples"])
+            state.data_state = dict(meta.get("data_state") or {})
+            self.engine.global_steps = state.iteration
+            self.engine.global_samples = state.consumed_samples
+            self.engine.skipped_steps = int(meta.get("skipped_steps", 0))
+            rng_path = tag_dir / f"rng_state_{self.rank:05d}.pt"
+            if same_layout and rng_path.exists():
+                rng.restore(torch.load(rng_path, weights_only=False))
+            elif not same_layout:
+                self.log("RNG states not restored (the layout changed; streams are per rank)")
+        self.log(f"loaded {tag_dir} (" + ("weights only, new run at step 0" if finetune else
+                 f"step {state.iteration}, {state.consumed_samples} samples consumed"
+                 + (", fresh optimizer" if weights_only else "")) + ")")
+        self.last_saved = state.iteration if not finetune else None
+        return state
+
+    def _check_model(self, meta: dict, tag_dir: Path) -> None:
+        saved = meta.get("model") or {}
+        ours = model_meta(self.cfg, self.model_cfg)
+        diff = [k for k in SHAPE_KEYS if k in saved and saved[k] != ours[k]]
+        if diff:
+            raise CheckpointMismatchError(
+                f"checkpoint {tag_dir} holds a model of shape {_describe(saved)}, but the config builds "
+                f"{_describe(ours)} (different: {', '.join(diff)}). Load a checkpoint of this shape, or set the "
+                f"model keys to the checkpoint's (a converted checkpoint has them in model.yml).")
+
+    def _check_schedule(self, meta: dict, tag_dir: Path) -> None:
+        saved, ours = meta.get("schedule"), schedule_meta(self.cfg)
+        if not saved or self.cfg.override_lr_scheduler:
+            return
+        diff = [f"{k} {saved[k]} -> {ours[k]}" for k in SCHEDULE_KEYS if k in saved and saved[k] != ours[k]]
+        if diff:
+            raise CheckpointMismatchError(
+                f"the learning-rate schedule differs from the one checkpoint {tag_dir} was trained with "
+                f"({'; '.join(diff)}). Set override_lr_scheduler: true to continue with this config's schedule "
+                f"from step {meta['iteration']}, or restore the checkpoint's values.")
+
+
+def _fault_pause_in_save(rank: int, iteration: int) -> None:
+    """Fault injection for tests: NEOX_FAULT_PAUSE_IN_SAVE=STEP:SECONDS holds rank 0 in the save of STEP after its
+    files are written and before the checkpoint is marked complete, so a test can kill the job mid-save."""
+    raw = os.environ.get("NEOX_FAULT_PAUSE_IN_SAVE", "")
+    if not raw:
+        return
+    step, pause = raw.split(":")
+    if int(step) == iteration and rank == 0:
+        print(f"[fault injection] pausing {pause:g}s inside the save", flush=True)
+        time.sleep(pause)
