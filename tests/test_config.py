@@ -107,6 +107,24 @@ MALFORMED = [
      "world size 6"),  # world size not TP x PP x DP
     ({"pipe_parallel_size": 5, "num_gpus": 5}, "pipe_parallel_size", "only 4 layers"),
     ({"partition_activations": True}, "partition_activations", "checkpointed activations"),
+    # run length and per-epoch replay (docs/replay.md)
+    ({"train_iters": None}, "train_iters", "required"),
+    ({"train_epochs": 2.5}, "train_iters,train_epochs", "not both"),
+    ({"train_iters": None, "train_epochs": 0}, "train_epochs", "greater than 0"),
+    ({"train_iters": None, "train_epochs": 2.5, "train_data_paths": ["data/a", "data/b"],
+      "train_data_weights": [0.7, 0.3]}, "train_data_weights", "once per epoch"),
+    ({"replay": {"data_paths": ["data/fineweb"]}}, "replay,train_epochs", "train_epochs"),
+    ({"train_iters": None, "train_epochs": 2.5, "train_data_paths": None, "data_path": "data/y",
+      "replay": {"data_paths": ["data/fineweb"]}}, "data_path,replay", "train_data_paths"),
+    ({"train_iters": None, "train_epochs": 2.5, "replay": {"data_paths": ["data/f1", "data/f2"],
+      "data_weights": [1.0]}}, "replay.data_weights", "1 weights for 2 data paths"),
+    ({"train_iters": None, "train_epochs": 2.5, "replay": {"data_paths": ["data/f"], "valid_data_paths": ["data/v"],
+      "valid_data_weights": [-1.0]}}, "replay.valid_data_weights", "non-negative"),
+    ({"train_iters": None, "train_epochs": 2.5, "replay": {"data_paths": []}}, "replay.data_paths", "at least 1"),
+    ({"train_iters": None, "train_epochs": 2.5, "replay": {"data_paths": ["data/f"], "fraction": 1.0}},
+     "replay.fraction", "less than 1"),
+    ({"train_iters": None, "train_epochs": 2.5, "replay": {"data_paths": ["data/f"], "fresh": True}},
+     "replay.fresh", "remove it"),
 ]
 
 
@@ -153,3 +171,22 @@ def test_deepy_dry_run_writes_resolved_config_and_command(tmp_path):
 def test_key_reference_is_up_to_date():
     committed = (CONFIGS / "README.md").read_text()
     assert committed == render(), "configs/README.md is stale: run `make docs-config`"
+
+
+def test_replay_demo_config_validates_and_the_astrosage_config_uses_replay():
+    loaded = load_config([str(CONFIGS / "tiny_cpu.yml"), str(CONFIGS / "demo_replay.yml")])
+    cfg = loaded.config
+    assert cfg.train_iters is None and cfg.train_epochs == 2.5 and cfg.replay.fraction == 0.2
+    assert cfg.train_data_paths and cfg.replay.valid_data_paths and cfg.valid_data_paths
+    astro = load_config([str(CONFIGS / "astrosage70b_cpt.yml")]).config
+    assert astro.train_epochs == 2.5 and astro.train_iters is None
+    assert astro.replay.fresh_each_epoch and "fineweb" in astro.replay.data_paths[0]
+    assert astro.replay.valid_data_paths and astro.train_data_weights is None
+
+
+def test_epochs_without_replay_and_replay_with_several_pools_validate():
+    build_config(tiny_raw(train_iters=None, train_epochs=1.5, train_data_paths=None, data_path="data/y"))
+    cfg = build_config(tiny_raw(train_iters=None, train_epochs=2.5, replay={
+        "data_paths": ["data/f1", "data/f2"], "data_weights": [0.5, 0.5], "fraction": 0.05,
+        "fresh_each_epoch": False, "valid_data_paths": ["data/v"]}))
+    assert cfg.replay.data_weights == [0.5, 0.5] and not cfg.replay.fresh_each_epoch

@@ -43,11 +43,18 @@ def _world_size(cfg: "NeoXConfig", available_devices: Optional[int]) -> Optional
 
 def _required(cfg: "NeoXConfig") -> list[ConfigIssue]:
     issues = []
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "train_iters"):
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
         if getattr(cfg, key) is None:
             issues.append(
                 ConfigIssue(key, "is required", f"set {key} (the Llama presets in configs/ set the model keys)")
             )
+    if cfg.train_iters is None and cfg.train_epochs is None:
+        issues.append(ConfigIssue("train_iters", "is required (or train_epochs, from which it is derived)",
+                                  "set train_iters: N steps, or train_epochs: E epochs of the training data"))
+    elif cfg.train_iters is not None and cfg.train_epochs is not None:
+        issues.append(ConfigIssue(
+            "train_iters,train_epochs", "give the training length once: train_iters or train_epochs, not both",
+            "remove train_iters (it is derived from train_epochs) or remove train_epochs", cfg.train_iters))
     return issues
 
 
@@ -200,9 +207,46 @@ def _data(cfg: "NeoXConfig") -> list[ConfigIssue]:
     except ValueError:
         issues.append(ConfigIssue("split", "must be three non-negative numbers like 969,30,1",
                                   "write split: 969,30,1", cfg.split))
+    issues += _epochs_and_replay(cfg)
     if cfg.tokenizer_type != "Llama3Tokenizer" and not cfg.vocab_file:
         issues.append(ConfigIssue("vocab_file", f"{cfg.tokenizer_type} needs a tokenizer file",
                                   "set vocab_file to tokenizer.json (HFTokenizer) or the .model (SPMTokenizer)"))
+    return issues
+
+
+def _weights_issues(key: str, paths: Optional[list[str]], weights: Optional[list[float]]) -> list[ConfigIssue]:
+    issues = []
+    if weights is not None and (paths is None or len(paths) != len(weights)):
+        issues.append(ConfigIssue(key, f"{len(weights)} weights for {len(paths or [])} data paths",
+                                  "give one weight per data path", weights))
+    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        issues.append(ConfigIssue(key, "weights must be non-negative with a positive sum", "use e.g. [0.7, 0.3]",
+                                  weights))
+    return issues
+
+
+def _epochs_and_replay(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    """train_epochs and replay (docs/replay.md): an epoch sees every training document exactly once."""
+    issues = []
+    if cfg.train_epochs is not None and cfg.train_data_weights is not None:
+        issues.append(ConfigIssue(
+            "train_data_weights", "with train_epochs every document of train_data_paths is seen once per epoch, so "
+            "blend weights cannot apply", "remove train_data_weights (list a path twice to see its documents twice "
+            "per epoch)", cfg.train_data_weights))
+    replay = cfg.replay
+    if replay is None:
+        return issues
+    if cfg.train_epochs is None:
+        issues.append(ConfigIssue(
+            "replay,train_epochs", "replay is mixed into each epoch, so the run length must be given in epochs",
+            "set train_epochs (e.g. 2.5) instead of train_iters", replay.model_dump()))
+    if cfg.data_path and not cfg.train_data_paths:
+        issues.append(ConfigIssue(
+            "data_path,replay", "replay needs the domain corpus as train_data_paths (data_path + split is not "
+            "supported with replay)", "set train_data_paths (and valid_data_paths) instead of data_path",
+            cfg.data_path))
+    issues += _weights_issues("replay.data_weights", replay.data_paths, replay.data_weights)
+    issues += _weights_issues("replay.valid_data_weights", replay.valid_data_paths, replay.valid_data_weights)
     return issues
 
 
