@@ -26,6 +26,17 @@ demo: $(STAMP)
 		--output-prefix data/demo/python_docs --append-eod --workers 2
 	WANDB_MODE=offline $(PY) deepy.py train.py configs/tiny_cpu.yml configs/demo.yml
 
+# The same tiny model as continued pretraining with per-epoch replay (docs/replay.md): Python's reference docs as
+# the domain corpus, standard-library docstrings as the general-text replay pool, each with a held-out set.
+.PHONY: demo-replay
+demo-replay: $(STAMP)
+	$(PY) tools/datasets/build_demo_replay_corpus.py --output-dir data/demo_replay
+	for part in domain domain_valid general general_valid; do \
+		$(PY) tools/datasets/preprocess_data.py --input data/demo_replay/$$part.jsonl \
+			--output-prefix data/demo_replay/$$part --append-eod --workers 2 --no-progress || exit 1; \
+	done
+	WANDB_MODE=offline $(PY) deepy.py train.py configs/tiny_cpu.yml configs/demo_replay.yml
+
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
