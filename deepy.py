@@ -96,7 +96,35 @@ def main(argv: list[str] | None = None) -> int:
         # CPU ranks share the cores: without this each rank starts one thread per core and they thrash.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.world_size())))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    forward_stop_signals(proc, Path(args.script).name)
+    return proc.wait()
+
+
+def forward_stop_signals(proc: subprocess.Popen, script: str) -> None:
+    """SIGTERM/SIGUSR1 to this launcher reach the workers as SIGUSR1: they save a checkpoint and exit 0.
+
+    DeepSpeed's local launcher would kill its children on SIGTERM, losing the work since the last save; the
+    workers themselves handle both signals (under SLURM, srun delivers them to every task directly)."""
+    import signal
+
+    def forward(signum, frame):
+        import psutil  # a DeepSpeed dependency
+
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            try:
+                if any(part.endswith(script) for part in child.cmdline()):
+                    child.send_signal(signal.SIGUSR1)
+            except psutil.Error:
+                pass
+        print(f"deepy: forwarded {signal.Signals(signum).name} to the workers; they save and exit", flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
 
 
 if __name__ == "__main__":

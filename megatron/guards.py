@@ -92,3 +92,8 @@ def injected_nan_steps() -> set[int]:
     """Fault injection for tests: NEOX_INJECT_NAN_STEPS=5,6 makes the loss NaN at those (1-based) steps."""
     raw = os.environ.get("NEOX_INJECT_NAN_STEPS", "")
     return {int(s) for s in raw.split(",") if s.strip()}
+
+
+def injected_step_delay() -> float:
+    """Fault injection for tests: NEOX_FAULT_STEP_SLEEP=seconds slows every step, so a signal lands mid-run."""
+    return float(os.environ.get("NEOX_FAULT_STEP_SLEEP", "0") or 0)

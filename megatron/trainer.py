@@ -9,6 +9,7 @@ import math
 import os
 import random
 import sys
+import time
 from typing import Iterator, Optional
 
 import numpy as np
@@ -20,12 +21,13 @@ from megatron.config.deepspeed_config import deepspeed_config
 from megatron.config.schema import NeoXConfig
 from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader
 from megatron.data.tokenizer import build_tokenizer
-from megatron.guards import BadStepGuard, ExitConditions, injected_nan_steps
+from megatron.guards import BadStepGuard, ExitConditions, injected_nan_steps, injected_step_delay
 from megatron.metrics import MetricSinks, StepTimer, flops_per_token, format_step, peak_memory_gib
 from megatron.model.config import LlamaConfig
 from megatron.model.llama import build_model
 from megatron.optim import build_optimizer, build_scheduler, lr_at
 from megatron.parallel.layout import ParallelLayout
+from megatron.profiling import StepProfiler, install_forward_timer, phase_times_ms
 
 
 def default_run_dir(cfg: NeoXConfig, name: str = "run") -> str:
@@ -83,6 +85,10 @@ class Trainer:
         self.exit = ExitConditions(cfg.exit_interval, cfg.exit_duration_in_mins, cfg.save_on_signal, device)
         self.guard = BadStepGuard(cfg.max_bad_steps, cfg.loss_spike_factor)
         self._install_nan_injection(injected_nan_steps())
+        self.step_delay = injected_step_delay()
+        if cfg.log_phase_times:
+            install_forward_timer(self.engine)
+        self.profiler = StepProfiler(cfg, run_dir, rank, self.sinks.print if self.is_logger else (lambda m: None))
         self._build_data()
         n_params = self.model_cfg.count_parameters()
         self.sinks.print(
@@ -149,10 +155,14 @@ class Trainer:
                    disable=not (self.is_logger and sys.stderr.isatty()))  # log lines suffice in files
         stop_reason = None
         while self.iteration < cfg.train_iters:
+            self.profiler.before_step(self.iteration + 1)
             loss = self.engine.train_batch(data_iter=self.train_iter).item()  # all micro-batches, then the update
             self.iteration += 1
+            self.profiler.after_step(self.iteration)
             self.consumed_samples += self.global_batch
             bar.update(1)
+            if self.step_delay:
+                time.sleep(self.step_delay)
             grad_norm = self.engine.get_global_grad_norm()
             grad_norm = None if grad_norm is None else float(grad_norm)
             for message in self.guard.observe(self.iteration, loss, grad_norm):
@@ -177,6 +187,10 @@ class Trainer:
                     "consumed_samples": self.consumed_samples,
                     "skipped_steps": self.guard.total_skipped,
                 }
+                if cfg.log_phase_times:
+                    phases = phase_times_ms(self.engine, steps)
+                    self.sinks.log(self.iteration, phases, prefix="phase")
+                    self.sinks.print("phases (ms/step): " + " | ".join(f"{k[:-3]} {v:.1f}" for k, v in phases.items()))
                 self.sinks.log(self.iteration, last)
                 if self.is_logger:
                     bar.write(format_step(self.iteration, cfg.train_iters, last))

@@ -18,7 +18,9 @@ def deepspeed_config(cfg: NeoXConfig, dp: int, precision: str) -> dict[str, Any]
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "steps_per_print": 2**31 - 1,  # this trainer logs; silence DeepSpeed's own step prints
-        "wall_clock_breakdown": False,
+        # Per-phase timers (forward, backward, optimizer, pipeline send/recv) the trainer reads when asked to;
+        # they synchronise the device, so they are off unless log_phase_times is on.
+        "wall_clock_breakdown": cfg.log_phase_times,
         "activation_checkpointing": {
             "partition_activations": cfg.partition_activations,
             "contiguous_memory_optimization": False,

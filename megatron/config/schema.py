@@ -143,6 +143,17 @@ class ParallelArgs(_Strict):
     )
 
 
+class KernelArgs(_Strict):
+    """Kernel choices on the GPU (measured in docs/performance.md); none changes the maths, so CPU ignores them."""
+
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
+        "auto", description="SDPA kernel: auto picks cuDNN on Hopper (fastest measured), else flash; math on CPU."
+    )
+    fuse_pointwise: bool = Field(
+        True, description="torch.compile the pointwise parts (RMSNorm, RoPE, SwiGLU) into fused kernels on GPU."
+    )
+
+
 class TrainingArgs(_Strict):
     """Batch sizes, schedule, optimizer and precision."""
 
@@ -281,6 +292,7 @@ class LauncherArgs(_Strict):
 SECTIONS: tuple[type[_Strict], ...] = (
     ModelArgs,
     ParallelArgs,
+    KernelArgs,
     TrainingArgs,
     DataArgs,
     CheckpointArgs,
@@ -289,7 +301,8 @@ SECTIONS: tuple[type[_Strict], ...] = (
 )
 
 
-class NeoXConfig(LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, ParallelArgs, ModelArgs):
+class NeoXConfig(LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, KernelArgs, ParallelArgs,
+                 ModelArgs):
     """The whole validated config. Read-only by convention: derived values are properties, not mutations."""
 
     # ---- derived values (computed once, in one place) ----

@@ -34,6 +34,8 @@ class LlamaConfig:
     checkpoint_activations: bool = False
     checkpoint_num_layers: int = 1
     partition_activations: bool = False
+    attention_backend: str = "auto"
+    fuse_pointwise: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -66,6 +68,8 @@ class LlamaConfig:
             checkpoint_activations=cfg.checkpoint_activations,
             checkpoint_num_layers=cfg.checkpoint_num_layers,
             partition_activations=cfg.partition_activations,
+            attention_backend=cfg.attention_backend,
+            fuse_pointwise=cfg.fuse_pointwise,
         )
 
     # ---- initialisation scales ----

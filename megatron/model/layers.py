@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from megatron.model import sharding
+from megatron.model import kernels, sharding
 from megatron.model.config import LlamaConfig
-from megatron.model.rope import RotaryEmbedding, apply_rotary
+from megatron.model.rope import RotaryEmbedding
 from megatron.parallel.layout import kv_group
 
 
@@ -77,16 +77,14 @@ def copy_shard_(param: torch.Tensor, shard: torch.Tensor, partition_dim: int) ->
 
 
 class RMSNorm(torch.nn.Module):
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, fuse: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self._norm = kernels.fused(kernels.rms_norm, fuse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the activation dtype (bf16 variance is too coarse), like HF's Llama.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self._norm(x, self.weight, self.eps)
 
 
 class Attention(torch.nn.Module):
@@ -102,6 +100,7 @@ class Attention(torch.nn.Module):
         self.kv_heads = sharding.kv_heads_per_rank(cfg.num_kv_heads, tp)
         self.kv_rows = sharding.kv_rows_per_rank(cfg.num_kv_heads, tp, d)  # < kv_heads * d when the head is shared
         self.kv_group = kv_group() if sharding.kv_replicas(cfg.num_kv_heads, tp) > 1 else None
+        self._rope = kernels.fused(kernels.rope_qk, cfg.fuse_pointwise)
         if self.kv_rows < self.kv_heads * d and self.kv_group is None:
             raise RuntimeError(f"TP {tp} > num_kv_heads {cfg.num_kv_heads} needs the kv-head groups: "
                                "call ParallelLayout.initialize(..., num_kv_heads=...) first")
@@ -138,11 +137,12 @@ class Attention(torch.nn.Module):
         k = k.view(b, s, self.kv_heads, d).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
         cos, sin = self.rotary(s, x.device, x.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self._rope(q, k, cos, sin)
         dropout = self.cfg.attention_dropout if self.training else 0.0
         # enable_gqa lets SDPA broadcast kv heads instead of materialising repeated k/v.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                             enable_gqa=self.kv_heads != self.heads)
+        with kernels.sdpa_context(self.cfg.attention_backend):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                                 enable_gqa=self.kv_heads != self.heads)
         out = out.transpose(1, 2).reshape(b, s, self.heads * d)
         out, _ = self.dense(out)
         return out
@@ -173,11 +173,11 @@ class SwiGLU(torch.nn.Module):
             if bias is not None:
                 with torch.no_grad():
                     bias.zero_()
+        self._act = kernels.fused(kernels.swiglu, cfg.fuse_pointwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up(x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        out, _ = self.down(F.silu(gate) * up)
+        out, _ = self.down(self._act(gate_up))
         return out
 
 
@@ -185,9 +185,10 @@ class TransformerLayer(torch.nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_number: int):
         super().__init__()
         self.cfg = cfg
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype, cfg.fuse_pointwise)
         self.attention = Attention(cfg, layer_number)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype,
+                                                cfg.fuse_pointwise)
         self.mlp = SwiGLU(cfg, layer_number)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:

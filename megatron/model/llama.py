@@ -24,7 +24,7 @@ class TransformerLayerPipe(TransformerLayer):
 
 class FinalNormPipe(RMSNorm):
     def __init__(self, cfg: LlamaConfig):
-        super().__init__(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype)
+        super().__init__(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype, cfg.fuse_pointwise)
 
 
 class OutputLayerPipe(OutputLayer):

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""The peer for benchmarks/train_throughput.py: HF transformers LlamaForCausalLM training on one GPU.
+
+What a user would write with transformers alone: SDPA attention, bf16 autocast over fp32 weights (fp32 master
+weights, like this trainer), fused torch AdamW, `grad_accum` micro-batches per optimizer step. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape-json", required=True)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--checkpointing", action="store_true")
+    args = ap.parse_args()
+    s = json.loads(args.shape_json)
+    cfg = LlamaConfig(hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                      num_hidden_layers=s["num_layers"], num_attention_heads=s["num_attention_heads"],
+                      num_key_value_heads=s["num_kv_heads"], vocab_size=128256, max_position_embeddings=131072,
+                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).cuda()
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    times = []
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.grad_accum):
+            x = torch.randint(0, cfg.vocab_size, (1, args.seq), device="cuda", generator=gen)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss / args.grad_accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    dt = statistics.median(times[3:] if len(times) > 3 else times)
+    tokens = args.grad_accum * args.seq / dt
+    h, L, f, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    n_matmul = L * (2 * h * h + 2 * h * kv + 3 * h * f) + h * V
+    tflops = tokens * (6 * n_matmul + 12 * L * h * args.seq) / 1e12
+    print(json.dumps({"tokens_per_s": tokens, "tflops": tflops,
+                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
+
+
+if __name__ == "__main__":
+    main()
