@@ -6,11 +6,14 @@ unused id between documents. So most checks read the served samples themselves, 
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from megatron.config import build_config
 from megatron.data import replay as replay_mod
 from megatron.data.data_utils import make_data_loader
 from megatron.data.gpt_dataset import GPTDataset
@@ -244,6 +247,10 @@ def test_resume_mid_epoch_continues_the_same_samples_on_every_dp_rank(corpora, t
     # The epoch log of the resumed run reports exactly the epochs that end after the resume point.
     reported = [m for c in range(consumed, plan.total_samples, batch) for m in plan.boundary_messages(c, c + batch)]
     assert len(reported) == 2 and reported[0].startswith("epoch 2/3 (complete)")
+    s = plan.epochs[1]
+    for part in (f"domain {s.domain_tokens:,} tokens", f"replay {s.replay_tokens:,} tokens",
+                 f"{s.replay_documents:,} distinct replay documents", "0 reused from earlier epochs"):
+        assert part in reported[0]
     assert reported[1].startswith("epoch 3/3 (")
 
 
@@ -274,6 +281,11 @@ def test_deterministic_cached_and_seed_dependent(corpora, tmp_path, monkeypatch)
     assert np.array_equal(rebuilt.sample_index, ds2.sample_index)  # ds1 maps the file just corrupted
     desc = json.loads(next((tmp_path / "x" / "cache").glob("train_epochs_*_description.json")).read_text())
     assert desc["extra"]["total_samples"] == len(ds1)
+    # A cache directory that cannot be created keeps the arrays in memory.
+    (tmp_path / "file").write_text("")
+    in_memory, _ = build(corpora, tmp_path, cache_dir=str(tmp_path / "file" / "cache"))
+    assert not isinstance(in_memory.sample_index, np.memmap)
+    assert np.array_equal(in_memory.sample_index, ds2.sample_index)
 
 
 def test_epochs_without_replay_and_data_path_split(corpora, tmp_path):
@@ -311,10 +323,6 @@ def test_replay_validation_set_and_config_entry_point(corpora, tmp_path):
                                        num_samples=20, cache_dir=str(tmp_path))
     assert isinstance(valid, GPTDataset) and len(valid) == 20 and valid.name.startswith("valid_replay")
     assert all(corpora["valid"].owns(valid[i]["tokens"]).all() for i in range(20))
-
-    from megatron.config import build_config
-    import yaml
-    from pathlib import Path
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yml").read_text())
     raw.update(seq_length=L, seed=7, train_epochs=2.5, data_cache_dir=str(tmp_path / "cache"),
