@@ -333,3 +333,58 @@ def test_replay_validation_set_and_config_entry_point(corpora, tmp_path):
     direct, plan = build(corpora, tmp_path, global_batch_size=4)
     assert data.plan == plan and np.array_equal(data.train.sample_index, direct.sample_index)
     assert len(data.replay_valid) == 8 and corpora["valid"].owns(data.replay_valid[0]["tokens"]).all()
+
+
+def test_large_plan_builds_fast():
+    import time
+
+    rng = np.random.default_rng(0)
+
+    def table(n, top):
+        lengths = rng.integers(1, top, n).astype(np.int64)
+        return np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths
+
+    domain, pool = table(500_000, 800), table(1_000_000, 2000)  # ~200M domain tokens, ~1B pool tokens
+    start = time.perf_counter()
+    arrays, plan = replay_mod.build_epoch_indices([(*domain, np.arange(500_000))], [pool], [1.0], ["fw"], 0.1, 2.5,
+                                                  2048, 0, True, 512)
+    assert time.perf_counter() - start < 10
+    assert len(arrays["sample_index"]) == plan["total_samples"] > 2.5 * 200e6 / 2048
+
+
+def _rank_main(rank, port, paths, cache, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # only rank 0 may build; rank 1 waits for it at the barrier, then memory-maps the cache
+            def fail(*args, **kwargs):
+                raise AssertionError("rank 1 built the index")
+
+            replay_mod.build_epoch_indices = fail
+        ds, _ = build_replay_train_dataset(train_data_paths=paths[:1], replay_data_paths=paths[1:], fraction=0.1,
+                                           train_epochs=1.5, seq_length=L, seed=3, cache_dir=cache)
+        assert isinstance(ds.sample_index, np.memmap)
+        np.save(f"{out}_{rank}.npy", all_samples(ds))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_rank_zero_builds_the_plan_others_wait(corpora, tmp_path):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "samples")
+    paths = [corpora["a"].prefix, corpora["pool"].prefix]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, port, paths, str(tmp_path / "c"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert np.array_equal(np.load(out + "_0.npy"), np.load(out + "_1.npy"))
