@@ -46,7 +46,7 @@ class Trainer:
     def __init__(self, cfg: NeoXConfig, run_dir: str):
         import deepspeed
 
-        self.cfg, self.run_dir = cfg, run_dir
+        self.user_cfg, self.run_dir = cfg, run_dir  # as written (and saved in checkpoints)
         world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         self.layout = ParallelLayout.from_world(cfg.tp, cfg.pp, world, rank)
         backend = cfg.distributed_backend
@@ -55,6 +55,18 @@ class Trainer:
         self.layout.initialize(backend=backend, seed=cfg.seed, num_kv_heads=cfg.kv_heads, verbose=True)
         # Same seed on every TP/DP rank of a stage (init is seeded per layer anyway); stages differ, as in Megatron.
         self._seed_everything(cfg.seed + 100 * self.layout.pp_rank)
+
+        self.global_batch = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * self.layout.dp
+        self.epoch_data = None
+        if cfg.train_epochs is not None:
+            # Epoch-based runs (with or without replay) know their length only once the samples are planned; the
+            # schedule needs it, so plan before the engine. The derived train_iters stays out of saved configs.
+            from megatron.data.replay import build_epoch_datasets
+
+            self.epoch_data = build_epoch_datasets(
+                cfg, self.global_batch, replay_valid_num_samples=max(1, cfg.eval_iters) * self.global_batch)
+            cfg = cfg.model_copy(update={"train_iters": self.epoch_data.plan.train_iters()})
+        self.cfg = cfg
 
         self.precision = cfg.resolved_precision
         self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
@@ -66,7 +78,6 @@ class Trainer:
             lr_scheduler=build_scheduler(cfg),
             config=deepspeed_config(cfg, self.layout.dp, self.precision),
         )
-        self.global_batch = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * self.layout.dp
         self.iteration = 0
         self.consumed_samples = 0
         self.is_logger = rank == 0
@@ -75,7 +86,11 @@ class Trainer:
             wandb_kwargs={"project": cfg.wandb_project, "group": cfg.wandb_group, "entity": cfg.wandb_team},
             config=cfg.to_yaml_dict(),
         )
-        self.checkpoints = CheckpointManager(cfg, self.engine, self.layout, self.model_cfg, self.sinks.print)
+        if self.epoch_data is not None:
+            for line in self.epoch_data.plan.summary_lines():
+                self.sinks.print(line)
+        self.checkpoints = CheckpointManager(cfg, self.engine, self.layout, self.model_cfg, self.sinks.print,
+                                             config_to_save=self.user_cfg)
         if cfg.load:
             loaded = self.checkpoints.load()
             if loaded is not None:
@@ -131,20 +146,30 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
+        epochs = self.epoch_data is not None
         train, valid, _ = build_train_valid_test_datasets(
             train_data_paths=cfg.train_data_paths, train_data_weights=cfg.train_data_weights,
             valid_data_paths=cfg.valid_data_paths, valid_data_weights=cfg.valid_data_weights,
             test_data_paths=cfg.test_data_paths, test_data_weights=cfg.test_data_weights,
             data_path=cfg.data_path, split=cfg.split, seq_length=cfg.seq_length, seed=cfg.seed,
-            train_num_samples=cfg.train_iters * self.global_batch,
+            train_num_samples=0 if epochs else cfg.train_iters * self.global_batch,
             # The same validation samples every evaluation, so the curve compares like with like.
             valid_num_samples=max(1, cfg.eval_iters) * self.global_batch,
             test_num_samples=0, cache_dir=cfg.data_cache_dir,
         )
+        if epochs:
+            train = self.epoch_data.train
         micro, lay = cfg.train_micro_batch_size_per_gpu, self.layout
         self.train_iter = _lm_batches(
             make_data_loader(train, micro, lay.dp_rank, lay.dp, self.consumed_samples, cfg.num_workers))
-        self.valid_ds = valid if cfg.eval_iters > 0 else None
+        # Validation sets by metric prefix: the domain set, and with replay the general-text set, so forgetting
+        # shows directly as valid_replay/loss.
+        self.valid_sets = {}
+        if cfg.eval_iters > 0:
+            if valid is not None:
+                self.valid_sets["valid"] = valid
+            if epochs and self.epoch_data.replay_valid is not None:
+                self.valid_sets["valid_replay"] = self.epoch_data.replay_valid
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -161,6 +186,8 @@ class Trainer:
             self.profiler.after_step(self.iteration)
             self.consumed_samples += self.global_batch
             bar.update(1)
+            if self.epoch_data is not None:
+                self._log_epoch_boundaries(self.consumed_samples - self.global_batch)
             if self.step_delay:
                 time.sleep(self.step_delay)
             grad_norm = self.engine.get_global_grad_norm()
@@ -196,8 +223,7 @@ class Trainer:
                     bar.write(format_step(self.iteration, cfg.train_iters, last))
                 window_losses = []
 
-            if self.valid_ds is not None and (self.iteration % cfg.eval_interval == 0
-                                              or self.iteration == cfg.train_iters):
+            if self.valid_sets and (self.iteration % cfg.eval_interval == 0 or self.iteration == cfg.train_iters):
                 self.evaluate()
                 timer.lap()  # validation time is not training throughput
             if self._save_due():
@@ -245,16 +271,26 @@ class Trainer:
         self.sinks.close()
         raise TrainingDiverged(message)
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
         cfg, lay = self.cfg, self.layout
-        loader = make_data_loader(self.valid_ds, cfg.train_micro_batch_size_per_gpu, lay.dp_rank, lay.dp, 0, 0)
-        batches = _lm_batches(loader)
-        losses = [self.engine.eval_batch(data_iter=batches).item() for _ in range(cfg.eval_iters)]
-        loss = sum(losses) / len(losses)
-        ppl = float(np.exp(min(loss, 50.0)))
-        self.sinks.log(self.iteration, {"loss": loss, "ppl": ppl}, prefix="valid")
-        self.sinks.print(f"validation at step {self.iteration}: loss {loss:.4f} | perplexity {ppl:.2f}")
-        return loss
+        results = {}
+        for prefix, dataset in self.valid_sets.items():
+            loader = make_data_loader(dataset, cfg.train_micro_batch_size_per_gpu, lay.dp_rank, lay.dp, 0, 0)
+            batches = _lm_batches(loader)
+            losses = [self.engine.eval_batch(data_iter=batches).item() for _ in range(cfg.eval_iters)]
+            loss = sum(losses) / len(losses)
+            ppl = float(np.exp(min(loss, 50.0)))
+            self.sinks.log(self.iteration, {"loss": loss, "ppl": ppl}, prefix=prefix)
+            what = "validation" if prefix == "valid" else "replay (general-text) validation"
+            self.sinks.print(f"{what} at step {self.iteration}: loss {loss:.4f} | perplexity {ppl:.2f}")
+            results[prefix] = loss
+        return results
+
+    def _log_epoch_boundaries(self, previous_consumed: int) -> None:
+        plan = self.epoch_data.plan
+        for summary in plan.completed_between(previous_consumed, self.consumed_samples):
+            self.sinks.print(summary.format(len(plan.epochs)))
+            self.sinks.log(self.iteration, summary.metrics(), prefix="epoch")
 
     # ------------------------------------------------------------------ checkpoints
     def save(self):

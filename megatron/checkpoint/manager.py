@@ -69,8 +69,11 @@ def _describe(model: dict) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, cfg: NeoXConfig, engine, layout, model_cfg: LlamaConfig, log: Callable[[str], None]):
+    def __init__(self, cfg: NeoXConfig, engine, layout, model_cfg: LlamaConfig, log: Callable[[str], None],
+                 config_to_save: Optional[NeoXConfig] = None):
         self.cfg, self.engine, self.layout, self.model_cfg, self.log = cfg, engine, layout, model_cfg, log
+        # The config as the user wrote it: values derived at run time (train_iters from train_epochs) stay out.
+        self.config_to_save = config_to_save or cfg
         self.rank = layout.rank
         self.last_saved: Optional[int] = None
 
@@ -92,11 +95,12 @@ class CheckpointManager:
         _fault_pause_in_save(self.rank, iteration)
         torch.distributed.barrier()  # every rank's files are on disk before the checkpoint is declared complete
         if self.rank == 0:
-            save_resolved(cfg, tag_dir / "config.yml")
+            save_resolved(self.config_to_save, tag_dir / "config.yml")
             lay = self.layout
             meta = metadata.build_meta(
                 iteration=iteration, consumed_samples=consumed_samples, tp=lay.tp, pp=lay.pp, dp=lay.dp,
-                model=model_meta(cfg, self.model_cfg), has_optimizer=True, config=cfg.to_yaml_dict(),
+                model=model_meta(cfg, self.model_cfg), has_optimizer=True,
+                config=self.config_to_save.to_yaml_dict(),
                 data_state=data_state)
             meta["schedule"] = schedule_meta(cfg)
             meta["tokens_seen"] = consumed_samples * cfg.seq_length

@@ -183,17 +183,18 @@ class GPTDataset:
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
-        in_memory = None
+        in_memory, built_here = None, False
         # Rank 0 builds while the others wait; a rank that still sees no valid cache after the barrier (e.g.
         # a node-local cache_dir on another node) builds its own. Writes are atomic renames, so this is safe.
         if not distributed or dist.get_rank() == 0:
             if not self._cache_is_valid():
                 logger.info("%s: building sample index (%d samples) in %s", self.name, self.num_samples,
                             self.cache_dir)
-                in_memory = self._build_and_save()
+                in_memory, built_here = self._build_and_save(), True
         if distributed:
             dist.barrier()
-        if in_memory is None and not self._cache_is_valid():
+        # The builder just wrote and checksummed the files itself: re-reading them to validate would double the cost.
+        if in_memory is None and not built_here and not self._cache_is_valid():
             in_memory = self._build_and_save()
         if in_memory is not None:
             return in_memory
