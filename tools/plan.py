@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Plan a run from its config: parameters, memory per GPU by pipeline stage, bubble, FLOPs, step and run time.
+
+    python tools/plan.py configs/astrosage70b_cpt.yml --gpu mi250x
+    python tools/plan.py configs/llama3.1-70b.yml my_run.yml --gpus 64 --gpu h100 --tp 8 --pp 2
+
+The YAML files merge and validate as in deepy.py (model presets may leave data and train_iters to a run file).
+--gpus/--tp/--pp/--micro-batch/--checkpoint evaluate another layout with the same global batch. When the layout
+does not fit, the nearest one that does is suggested (on the same GPUs, else the smallest multiple of them).
+Exit status: 0; 1 with --strict when the layout does not fit; 2 when the config is invalid.
+The model behind the numbers: docs/planning.md.
+
+On a machine with one CUDA GPU, --measure runs 3 optimizer steps of the config (TP = PP = DP = 1) through the
+trainer's own pieces and prints the measured peak next to the prediction; --record appends it to
+benchmarks/results/memory_measurements.json, the file tests/test_plan.py validates the planner against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing
+
+from megatron.config import ConfigError  # noqa: E402
+from megatron import planning  # noqa: E402
+
+
+def _changes(new: planning.Layout, old: planning.Layout) -> list[str]:
+    """The YAML keys to write for `new`, where it differs from `old`."""
+    keys = []
+    if new.tp != old.tp:
+        keys.append(f"model_parallel_size: {new.tp}")
+    if new.pp != old.pp:
+        keys.append(f"pipe_parallel_size: {new.pp}")
+    if new.micro != old.micro:
+        keys.append(f"train_micro_batch_size_per_gpu: {new.micro}")
+    if new.gas != old.gas:
+        keys.append(f"gradient_accumulation_steps: {new.gas}")
+    if new.checkpoint != old.checkpoint:
+        keys.append(f"checkpoint_activations: {str(new.checkpoint).lower()}")
+    if new.partition != old.partition:
+        keys.append(f"partition_activations: {str(new.partition).lower()}")
+    if new.gpus != old.gpus:
+        keys.append(f"num_gpus x num_nodes = {new.gpus}")
+    return keys
+
+
+def format_suggestions(plan: planning.Plan, found: list[planning.Plan], more_gpus: int | None) -> str:
+    if not found:
+        return (f"No layout of TP (divisors of {plan.gpu.per_node}) x PP (divisors of {plan.shape.layers} layers) "
+                f"fits {plan.gpu.name} at up to 64 x {plan.layout.gpus} GPUs.")
+    where = f"on {more_gpus:,} GPUs (none fits on {plan.layout.gpus:,})" if more_gpus else \
+        f"on the same {plan.layout.gpus:,} GPUs"
+    lines = [f"Nearest layouts that fit {where}:"]
+    for i, p in enumerate(found):
+        head = "  -> " if i == 0 else "     "
+        lines.append(f"{head}{p.layout.describe()}")
+        lines.append(f"       peak {p.peak_gib:.1f} GiB allocated, {p.device_gib:.1f} GiB of {p.gpu.memory_gib:.0f} on "
+                     f"the device (stage {p.worst.stage}); step {planning._duration(p.step_seconds)}, bubble "
+                     f"{100 * p.bubble:.0f}%")
+        lines.append(f"       set: {', '.join(_changes(p.layout, plan.layout)) or '(nothing)'}")
+    return "\n".join(lines)
+
+
+RECORDS = os.path.join(REPO_ROOT, "benchmarks", "results", "memory_measurements.json")
+
+
+def recorded_keys(cfg) -> dict:
+    """The config keys that decide memory (model, layout, batch, precision, kernels), all explicit, so a record
+    stays meaningful if a default changes."""
+    from megatron.config import schema
+
+    sections = [schema.ModelArgs, schema.ParallelArgs, schema.TrainingArgs]
+    sections += [getattr(schema, "KernelArgs")] if hasattr(schema, "KernelArgs") else []
+    keys = [k for sec in sections for k in sec.model_fields]
+    dumped = cfg.model_dump(mode="json")
+    return {k: dumped[k] for k in keys if dumped.get(k) is not None}
+
+
+def measure(cfg, steps: int = 3) -> dict:
+    """Peak memory of `steps` optimizer steps on this machine's GPU, built exactly as megatron/trainer.py builds
+    a run (build_model, build_optimizer, build_scheduler, deepspeed_config, engine.train_batch), on random tokens
+    instead of a dataset (memory does not depend on the token values)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--measure needs a CUDA GPU")
+    if cfg.tp * cfg.pp != 1:
+        raise SystemExit("--measure runs on one GPU: set model_parallel_size and pipe_parallel_size to 1")
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                       ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    import deepspeed
+
+    from megatron.config.deepspeed_config import deepspeed_config
+    from megatron.model.config import LlamaConfig
+    from megatron.model.llama import build_model
+    from megatron.optim import build_optimizer, build_scheduler
+    from megatron.parallel.layout import ParallelLayout
+
+    layout = ParallelLayout.from_world(1, 1, 1, 0)
+    layout.initialize(backend="nccl", seed=cfg.seed, num_kv_heads=cfg.kv_heads)
+    vocab = cfg.vocab_size or planning.LLAMA3_VOCAB
+    model = build_model(LlamaConfig.from_neox(cfg, vocab, torch.float32), layout, cfg.pipe_partition_method)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
+                                           lr_scheduler=build_scheduler(cfg),
+                                           config=deepspeed_config(cfg, 1, cfg.resolved_precision))
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batches():
+        while True:
+            t = torch.randint(0, vocab, (cfg.train_micro_batch_size_per_gpu, cfg.seq_length + 1), generator=gen)
+            yield t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    data, seconds = batches(), []
+    for _ in range(steps):  # Adam's state appears in step 1's optimizer step: the peak is reached from step 2 on
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.train_batch(data_iter=data)
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t)
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "measured_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "measured_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+        "measured_device_gib": round((total - free) / 2**30, 3),
+        "metric": "torch.cuda.max_memory_allocated",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "steps": steps,
+        "step_seconds": round(seconds[-1], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="+", help="YAML files, merged in order")
+    parser.add_argument("--gpus", type=int, help="world size (default: num_gpus x num_nodes of the config)")
+    parser.add_argument("--gpu", choices=sorted(planning.GPUS), default=planning.DEFAULT_GPU,
+                        help=f"device kind (default {planning.DEFAULT_GPU})")
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--tflops", type=float, help="assumed TFLOP/s per GPU while computing (overrides --mfu)")
+    rate.add_argument("--mfu", type=float, default=planning.DEFAULT_MFU,
+                      help=f"assumed model-FLOPs utilisation of the GPU's peak (default {planning.DEFAULT_MFU})")
+    parser.add_argument("--tp", type=int, help="evaluate this tensor-parallel size instead")
+    parser.add_argument("--pp", type=int, help="evaluate this pipeline-parallel size instead")
+    parser.add_argument("--micro-batch", type=int, help="evaluate this micro-batch size instead")
+    parser.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                        help="evaluate with/without activation checkpointing")
+    parser.add_argument("--train-iters", type=int,
+                        help="steps for the run time (when the config derives them from train_epochs at launch)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when the layout does not fit")
+    parser.add_argument("--measure", action="store_true", help="also measure the peak on this machine's one GPU")
+    parser.add_argument("--record", nargs="?", const=RECORDS, metavar="FILE",
+                        help=f"with --measure: append the measurement to FILE (default {os.path.relpath(RECORDS)})")
+    args = parser.parse_args(argv)
+
+    try:
+        loaded = planning.load_for_planning(args.configs)
+    except ConfigError as err:
+        print(err.format(), file=sys.stderr)
+        return 2
+    cfg = loaded.config
+    for line in loaded.overrides:
+        print(f"override  {line}")
+    if loaded.placeholders:
+        print(f"(run keys not set by these files, not needed for a plan: {', '.join(loaded.placeholders)})")
+
+    layout, notes = planning.alternative_layout(cfg, gpus=args.gpus, tp=args.tp, pp=args.pp, micro=args.micro_batch,
+                                                checkpoint=args.checkpoint)
+    gpu = planning.GPUS[args.gpu]
+    tflops = args.tflops or args.mfu * gpu.peak_tflops
+    plan = planning.make_plan(cfg, gpus=args.gpus or planning.config_world_size(cfg), gpu=args.gpu, tflops=tflops,
+                              layout=layout)
+    plan.notes += notes
+    if args.train_iters:
+        plan.train_iters, plan.train_epochs = args.train_iters, None
+    print(planning.format_plan(plan, title=" + ".join(args.configs)))
+    if not plan.fits:
+        print()
+        found, more_gpus = planning.suggest(cfg, plan)
+        print(format_suggestions(plan, found, more_gpus))
+    if args.measure:
+        result = measure(cfg)
+        predicted = planning.predict_peak_gib(recorded_keys(cfg), 1)
+        err = 100 * (predicted / result["measured_peak_gib"] - 1)
+        print(f"\nMeasured on {result['device']}: peak {result['measured_peak_gib']:.2f} GiB allocated "
+              f"(reserved {result['measured_reserved_gib']:.2f}, device {result['measured_device_gib']:.2f}); "
+              f"predicted {predicted:.2f} GiB ({err:+.1f}%)")
+        if args.record:
+            record = {"config": recorded_keys(cfg), **result, "world_size": 1,
+                      "predicted_peak_gib": round(predicted, 3), "date": datetime.date.today().isoformat(),
+                      "source": "tools/plan.py --measure " + " ".join(args.configs)}
+            records = json.load(open(args.record)) if os.path.exists(args.record) else []
+            with open(args.record, "w") as f:
+                json.dump(records + [record], f, indent=1)
+                f.write("\n")
+            print(f"recorded in {args.record}")
+    return 1 if args.strict and not plan.fits else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
