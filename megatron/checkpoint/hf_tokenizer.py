@@ -18,12 +18,13 @@ from megatron.checkpoint.hf_config import LLAMA3_BOS_ID, LLAMA3_EOS_ID, LLAMA3_V
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
-# <|begin_of_text|>, then per message <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>; content is
-# stripped as Meta's ChatFormat does; the generation prompt opens an assistant turn.
+# <|begin_of_text|>, then per message <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>; the generation
+# prompt opens an assistant turn. Content is kept as given, as Meta's reference ChatFormat (llama_models) encodes it
+# (Meta's HF template trims it; the tests hold this template to ChatFormat's tokens).
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content']"
     " + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
