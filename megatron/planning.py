@@ -49,9 +49,11 @@ GPUS: dict[str, GPU] = {
 }
 DEFAULT_GPU = "h100"
 
-# Assumed model-FLOPs utilisation while a GPU computes (outside the pipeline bubble). Megatron-core reaches 54-62%
-# on H100 for Llama-3.1 (FACTS.md anchors), torchtitan 33-39%; the AstroSage run reported ~26% end to end on MI250X
-# including its bubble. 40% is a middle assumption; --tflops or --mfu replaces it.
+# Assumed share of the bf16 peak a GPU sustains while it computes: outside the pipeline bubble, with activation
+# recomputation counted as work. Anchors: Megatron-core 54-62% MFU for Llama-3.1 on H100, torchtitan 33-39%; the
+# AstroSage run's ~50 TFLOP/s per MI250X GCD end to end (26% MFU) is ~50% while computing once its bubble (30% at
+# 16 micro-batches, PP 8) and recomputation (x1.32) are taken out. 40% is a middle assumption; --tflops or --mfu
+# replaces it.
 DEFAULT_MFU = 0.40
 
 # What a device holds beyond PyTorch's caching allocator, and the allocator's own slack. The planner predicts the
@@ -380,7 +382,7 @@ class Plan:
     params: int
     stages: list[StageMemory]
     flops_per_token: float
-    tflops: float  # assumed sustained TFLOP/s per GPU while computing
+    tflops: float  # assumed TFLOP/s a GPU computes at (all its work, recomputation included), bubble excluded
     train_iters: Optional[int]
     train_epochs: Optional[float]
     notes: list[str] = field(default_factory=list)
@@ -417,8 +419,19 @@ class Plan:
         return self.flops_per_token * self.tokens_per_step
 
     @property
+    def recompute_factor(self) -> float:
+        """GPU work per model FLOP: activation checkpointing runs each transformer layer's forward twice, i.e.
+        adds a third of the layers' 6N + 12Lhs (2 N_layers + 4 L h s per token; the output layer is not
+        recomputed)."""
+        if not self.layout.checkpoint:
+            return 1.0
+        sh = self.shape
+        layer_matmuls = sh.layers * (sh.attn_params() + sh.mlp_params())
+        return 1 + (2 * layer_matmuls + 4 * sh.layers * sh.hidden * sh.seq) / self.flops_per_token
+
+    @property
     def compute_seconds(self) -> float:
-        return self.flops_per_step / (self.layout.gpus * self.tflops * 1e12)
+        return self.flops_per_step * self.recompute_factor / (self.layout.gpus * self.tflops * 1e12)
 
     @property
     def step_seconds(self) -> float:
@@ -427,8 +440,8 @@ class Plan:
 
     @property
     def end_to_end_tflops(self) -> float:
-        """What the trainer would print (model FLOPs over wall time, bubble included)."""
-        return self.tflops * (1 - self.bubble)
+        """What the trainer would print: model FLOPs (6N + 12Lhs) over wall time, recompute and bubble included."""
+        return self.flops_per_step / self.step_seconds / self.layout.gpus / 1e12
 
     @property
     def run_seconds(self) -> Optional[float]:
@@ -788,10 +801,14 @@ def format_plan(plan: Plan, title: str = "") -> str:
         f"  FLOPs       {plan.flops_per_token / 1e9:,.1f} GFLOP per token (6N + 12Lhs, megatron/metrics.py) x "
         f"{plan.tokens_per_step:,} tokens = {plan.flops_per_step:.3e} per step",
         f"  bubble      (PP-1)/(GAS+PP-1) = {lay.pp - 1}/{lay.gas + lay.pp - 1} = {100 * plan.bubble:.1f}% of each step",
+        f"  recompute   x{plan.recompute_factor:.2f} GPU work per model FLOP"
+        + (" (checkpointing repeats each layer's forward)" if lay.checkpoint else " (no checkpointing)"),
         f"  assumed     {plan.tflops:.1f} TFLOP/s per GPU while computing ({100 * plan.tflops / gpu.peak_tflops:.0f}% "
-        f"of peak); the trainer would print {plan.end_to_end_tflops:.1f} (bubble included)",
-        f"  step        FLOPs/step / ({lay.gpus:,} GPUs x {plan.tflops:.1f} TFLOP/s) / (1 - bubble) = "
-        f"{_duration(plan.step_seconds)}",
+        f"of peak)",
+        f"  step        FLOPs/step x {plan.recompute_factor:.2f} / ({lay.gpus:,} GPUs x {plan.tflops:.1f} TFLOP/s) / "
+        f"(1 - bubble) = {_duration(plan.step_seconds)}",
+        f"  printed     the trainer would report {plan.end_to_end_tflops:.1f} TFLOP/s per GPU "
+        f"({100 * plan.end_to_end_tflops / gpu.peak_tflops:.0f}% MFU; 6N + 12Lhs over wall time)",
     ]
     if plan.run_seconds is not None:
         derived = " (train_iters derived from train_epochs)" if plan.train_epochs else ""

@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", choices=sorted(planning.GPUS), default=planning.DEFAULT_GPU,
                         help=f"device kind (default {planning.DEFAULT_GPU})")
     rate = parser.add_mutually_exclusive_group()
-    rate.add_argument("--tflops", type=float, help="assumed TFLOP/s per GPU while computing (overrides --mfu)")
+    rate.add_argument("--tflops", type=float,
+                      help="assumed TFLOP/s a GPU computes at outside the bubble, recomputation included")
     rate.add_argument("--mfu", type=float, default=planning.DEFAULT_MFU,
-                      help=f"assumed model-FLOPs utilisation of the GPU's peak (default {planning.DEFAULT_MFU})")
+                      help=f"the same as a fraction of the GPU's bf16 peak (default {planning.DEFAULT_MFU})")
     parser.add_argument("--tp", type=int, help="evaluate this tensor-parallel size instead")
     parser.add_argument("--pp", type=int, help="evaluate this pipeline-parallel size instead")
     parser.add_argument("--micro-batch", type=int, help="evaluate this micro-batch size instead")
