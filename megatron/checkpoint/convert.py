@@ -497,11 +497,16 @@ def neox_to_hf(input_dir: str | Path, out_dir: str | Path, *, iteration: Optiona
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB)."""
-    import resource
+    """This process's peak resident set size. Linux: VmHWM, the high-water mark of this process image (getrusage's
+    ru_maxrss would also count the parent's resident set at fork time, e.g. a test runner's)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
 
 
 def run_cli(fn: Callable[[], object]) -> int:
