@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 REQS   := requirements/base.txt requirements/hf.txt requirements/logging.txt requirements/dev.txt
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast docs-config clean-demo
+.PHONY: venv demo test test-fast test-gpu docs-config clean-demo
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ demo-replay: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+# GPU-only code paths (fused kernels, cuDNN/flash attention); run on a GPU machine, never in CI.
+test-gpu:
+	python3 -m pytest -q -p no:cacheprovider tests_gpu
 
 # Regenerate configs/README.md (the key reference) from the schema.
 docs-config: $(STAMP)

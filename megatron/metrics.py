@@ -129,7 +129,9 @@ class MetricSinks:
 
 def format_step(step: int, total: int, m: dict) -> str:
     return (
-        f"step {step:>6}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm {m['grad_norm']:.3f} | "
+        f"step {step:>6}/{total} | loss {m['loss']:.4f}" if "loss" in m else f"step {step:>6}/{total} | loss (skipped)"
+    ) + (
+        f" | lr {m['lr']:.3e} | grad norm {m['grad_norm']:.3f} | "
         f"{m['tokens_per_s']:,.0f} tok/s | {m['tflops_per_gpu']:.2f} TFLOP/s/GPU | mem {m['peak_mem_gib']:.2f} GiB"
     )
 

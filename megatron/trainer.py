@@ -214,6 +214,8 @@ class Trainer:
                     "consumed_samples": self.consumed_samples,
                     "skipped_steps": self.guard.total_skipped,
                 }
+                if not window_losses:  # every step of the window was skipped: there is no loss to report
+                    del last["loss"]
                 if cfg.log_phase_times:
                     phases = phase_times_ms(self.engine, steps)
                     self.sinks.log(self.iteration, phases, prefix="phase")

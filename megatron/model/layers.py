@@ -8,6 +8,7 @@ model at every TP/PP layout.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import torch
 import torch.nn.functional as F
@@ -240,14 +241,21 @@ class OutputLayer(torch.nn.Module):
         return logits
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, fuse: bool = False) -> torch.Tensor:
     """Mean cross-entropy over positions whose label is not -100 (SFT masks prompts that way).
 
-    megatron-core's vocab-parallel cross-entropy reduces over TP ranks, so the full logits are never gathered.
+    With TP > 1, megatron-core's vocab-parallel cross-entropy reduces over the TP ranks, so the full logits are
+    never gathered; with TP 1 the logits are whole and a two-pass kernel does the same maths (kernels.py).
     """
     mask = labels.ne(-100)
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe_labels)
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        losses = kernels.cross_entropy(logits, safe_labels, fuse)
+    else:
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe_labels)
     mask = mask.to(losses.dtype)
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
+
+def make_loss_fn(cfg: LlamaConfig):
+    return functools.partial(causal_lm_loss, fuse=cfg.fuse_pointwise)

@@ -10,7 +10,7 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 
 from megatron.model.config import LlamaConfig
-from megatron.model.layers import Embedding, OutputLayer, RMSNorm, TransformerLayer, causal_lm_loss
+from megatron.model.layers import Embedding, OutputLayer, RMSNorm, TransformerLayer, make_loss_fn
 from megatron.parallel.layout import ParallelLayout
 
 
@@ -54,7 +54,7 @@ def _checkpoint_function(cfg: LlamaConfig, layout: ParallelLayout):
 def build_model(cfg: LlamaConfig, layout: ParallelLayout, partition_method: str = "type:transformer") -> PipelineModule:
     model = PipelineModule(
         layers=layer_specs(cfg),
-        loss_fn=causal_lm_loss,
+        loss_fn=make_loss_fn(cfg),
         topology=layout.ds_topology(),
         partition_method=partition_method,
         activation_checkpoint_interval=cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0,

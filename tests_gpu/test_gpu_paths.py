@@ -1,0 +1,65 @@
+"""GPU-only branches (run on the GPU machine: `make test-gpu`; CI has no GPU, so these live outside tests/).
+
+Each fast kernel is checked against the plain PyTorch definition that the CPU tests verify against HF:
+torch.compile'd RMSNorm / RoPE / SwiGLU / cross-entropy, and the cuDNN and flash SDPA backends."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.model import kernels
+from megatron.model.rope import RotaryEmbedding
+
+if not torch.cuda.is_available():
+    pytest.exit("tests_gpu needs a CUDA device", returncode=1)
+
+DEV = "cuda"
+
+
+def _close(a, b, tol):
+    err = (a.float() - b.float()).abs().max().item()
+    scale = b.float().abs().max().item()
+    assert err <= tol * max(scale, 1.0), (err, scale)
+
+
+def test_fused_rms_norm_rope_swiglu_match_eager():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1024, 4096, device=DEV, dtype=torch.bfloat16)
+    w = torch.rand(4096, device=DEV, dtype=torch.bfloat16)
+    _close(kernels.fused(kernels.rms_norm, True)(x, w, 1e-5), kernels.rms_norm(x, w, 1e-5), 1e-2)
+    q = torch.randn(2, 32, 1024, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(2, 8, 1024, 128, device=DEV, dtype=torch.bfloat16)
+    cos, sin = RotaryEmbedding(128, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})(
+        1024, torch.device(DEV), torch.bfloat16)
+    for a, b in zip(kernels.fused(kernels.rope_qk, True)(q, k, cos, sin), kernels.rope_qk(q, k, cos, sin)):
+        _close(a, b, 1e-2)
+    gu = torch.randn(2, 1024, 2 * 14336, device=DEV, dtype=torch.bfloat16)
+    _close(kernels.fused(kernels.swiglu, True)(gu), kernels.swiglu(gu), 1e-2)
+
+
+def test_fused_cross_entropy_matches_fp32_reference():
+    torch.manual_seed(0)
+    logits = (torch.randn(1, 2048, 128256, device=DEV) * 2).to(torch.bfloat16)
+    labels = torch.randint(0, 128256, (1, 2048), device=DEV)
+    g = torch.rand(1, 2048, device=DEV)
+    a = logits.clone().requires_grad_(True)
+    loss = kernels.cross_entropy(a, labels, fuse=True)
+    (loss * g).sum().backward()
+    b = logits.float().clone().requires_grad_(True)
+    ref = F.cross_entropy(b.view(-1, 128256), labels.view(-1), reduction="none").view(1, -1)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    _close(a.grad, b.grad, 2e-2)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_sdpa_backends_match_math(backend):
+    torch.manual_seed(0)
+    q = torch.randn(1, 32, 2048, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 2048, 128, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(1, 8, 2048, 128, device=DEV, dtype=torch.bfloat16)
+    with kernels.sdpa_context(backend):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    _close(out, ref, 2e-2)
