@@ -520,7 +520,13 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         else:
             reduce = 0
         reduce_peak = states + reduce
-        peak, peak_phase = max((backward_peak, phase), (reduce_peak, "gradient all-reduce"))
+        # After each micro-batch's backward the bf16 optimizer adds param.grad into the fp32 buffer one parameter
+        # at a time through an fp32 copy (BF16_Optimizer._update_hp_grad), while the other in-flight micro-batches
+        # still hold their activations.
+        largest = max(local[it] if it != "layer" else 2 * shape.ffn * shape.hidden // tp for it in items)
+        accumulate_peak = states + (in_flight - 1) * per_mb + held + 4 * largest
+        peak, peak_phase = max((backward_peak, phase), (reduce_peak, "gradient all-reduce"),
+                               (accumulate_peak, "fp32 gradient accumulation"))
         stages.append(StageMemory(
             stage=i, items=items, params=params, weights=weights, grads=grads, master=master, optimizer=adam,
             act_stored=in_flight * per_mb + held, act_no_ckpt=in_flight * stored(False, 1) + held,

@@ -1,0 +1,230 @@
+"""The run planner (megatron/planning.py, tools/plan.py) against independent references.
+
+* parameter counts: Hugging Face's LlamaForCausalLM built on the meta device from each preset's shapes;
+* FLOPs: 6 x (HF parameters that are matmul weights) + 12 L h s, computed here from the HF count;
+* where layers go and how many micro-batches are in flight: DeepSpeed's own partitioner and 1F1B schedule;
+* activations per layer: the bytes autograd really saves for one TransformerLayer (CPU, fp32 and bf16);
+* peak memory: GPU measurements of the trainer in benchmarks/results/memory_measurements.json (within 15%);
+* the CLI: the AstroSage layout plans and fits; a layout that does not fit gets a suggestion that does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron import planning
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yml"))
+MEASUREMENTS = ROOT / "benchmarks" / "results" / "memory_measurements.json"
+PRESETS = {"8b": "llama3.1-8b.yml", "70b": "llama3.1-70b.yml", "405b": "llama3.1-405b.yml"}
+
+
+def load(*names: str) -> planning.Loaded:
+    return planning.load_for_planning([str(ROOT / "configs" / n) if "/" not in n else n for n in names])
+
+
+def cli_main():
+    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "tools" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+# ------------------------------------------------------------------------------------------ parameters and FLOPs
+def hf_parameter_count(cfg) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                     num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.kv_heads,
+                     intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                     tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = LlamaForCausalLM(hf)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("size", sorted(PRESETS))
+def test_parameter_count_is_exact_against_hugging_face(size):
+    cfg = load(PRESETS[size]).config
+    hf = hf_parameter_count(cfg)
+    assert planning.shape_of(cfg).parameter_count() == hf
+    # The published sizes, as a second anchor: 8.03B, 70.55B, 405.85B.
+    assert {"8b": 8_030_261_248, "70b": 70_553_706_496, "405b": 405_853_388_800}[size] == hf
+
+
+def test_flops_per_step_follow_the_6n_plus_12lhs_convention():
+    cfg = load("astrosage70b_cpt.yml").config
+    plan = planning.make_plan(cfg, gpu="mi250x")
+    L, h, s, V = cfg.num_layers, cfg.hidden_size, cfg.seq_length, cfg.vocab_size
+    # Matmul weights = all parameters minus the norms and the embedding table (a lookup, not a matmul).
+    n_matmul = hf_parameter_count(cfg) - (2 * L + 1) * h - V * h
+    assert plan.flops_per_token == 6 * n_matmul + 12 * L * h * s
+    assert plan.tokens_per_step == 512 * 8192
+    assert plan.bubble == pytest.approx(7 / 23)
+    # Checkpointing recomputes each layer's forward: a third of the layers' share of 6N + 12Lhs again.
+    layer_matmuls = n_matmul - V * h
+    recompute = 1 + (2 * layer_matmuls + 4 * L * h * s) / plan.flops_per_token
+    # Step time: GPU work / (GPUs x sustained TFLOP/s), stretched by the idle share of 1F1B.
+    expect = plan.flops_per_step * recompute / (2048 * 0.40 * 191.5e12) / (1 - 7 / 23)
+    assert plan.step_seconds == pytest.approx(expect)
+    assert plan.end_to_end_tflops == pytest.approx(0.40 * 191.5 / recompute * (1 - 7 / 23))
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed's pipeline
+@pytest.mark.parametrize("layers,stages", [(80, 8), (126, 8), (32, 3), (4, 2), (2, 4)])
+@pytest.mark.parametrize("method", ["type:transformer", "parameters", "uniform"])
+def test_stages_hold_the_layers_deepspeed_gives_them(layers, stages, method):
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+    shape = planning.Shape(layers=layers, hidden=64, heads=4, kv_heads=2, ffn=192, vocab=1000, vocab_multiple=128,
+                           seq=16)
+    items = ["embedding"] + ["layer"] * layers + ["final_norm", "output"]
+    if method == "uniform":
+        bounds = partition_uniform(len(items), stages)
+    elif method == "parameters":
+        vp = shape.padded_vocab(1)
+        sizes = {"embedding": vp * 64, "output": vp * 64, "final_norm": 64,
+                 "layer": shape.attn_params() + shape.mlp_params() + 128}
+        bounds = partition_balanced([sizes[i] for i in items], stages)
+    else:
+        bounds = partition_balanced([1 if i == "layer" else 0 for i in items], stages)
+    expect = [items[bounds[p]:bounds[p + 1]] for p in range(stages)]
+    assert planning.stage_items(shape, 1, stages, method) == expect
+
+
+@pytest.mark.parametrize("stages,micro_batches", [(8, 16), (4, 2), (3, 7), (1, 8)])
+def test_in_flight_micro_batches_follow_deepspeeds_1f1b_schedule(stages, micro_batches):
+    from deepspeed.runtime.pipe.schedule import BackwardPass, ForwardPass, TrainSchedule
+
+    for stage in range(stages):
+        live = most = 0
+        for step in TrainSchedule(micro_batches=micro_batches, stages=stages, stage_id=stage).steps():
+            for cmd in step:
+                live += isinstance(cmd, ForwardPass) - isinstance(cmd, BackwardPass)
+                most = max(most, live)
+        shape = planning.Shape(layers=stages, hidden=64, heads=4, kv_heads=2, ffn=192, vocab=1000,
+                               vocab_multiple=128, seq=16)
+        layout = planning.Layout(tp=1, pp=stages, dp=1, micro=1, gas=micro_batches, checkpoint=False)
+        _, _, mem = planning.plan_memory(shape, layout, planning.Precision("bf16", "fp32", 1))
+        assert mem[stage].in_flight == most, f"stage {stage}"
+
+
+# ------------------------------------------------------------------------------------------ activations (CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_activations_are_what_autograd_saves(single_rank, dtype):
+    """Every storage a TransformerLayer's forward hands autograd, summed once, against the planner's formula
+    (unfused: CPU runs the plain pointwise functions). The shared RoPE cos/sin tables are the only extra."""
+    from megatron.model.config import LlamaConfig
+    from megatron.model.layers import TransformerLayer
+
+    h, nq, nkv, f, seq, micro = 256, 8, 2, 768, 256, 2
+    cfg = LlamaConfig(num_layers=2, hidden_size=h, num_attention_heads=nq, num_kv_heads=nkv, intermediate_size=f,
+                      vocab_size=512, padded_vocab_size=512, max_position_embeddings=seq, params_dtype=dtype)
+    layer = TransformerLayer(cfg, 0).train()
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(micro, seq, h, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    act = 2 if dtype == torch.bfloat16 else 4
+    shape = planning.Shape(layers=2, hidden=h, heads=nq, kv_heads=nkv, ffn=f, vocab=512, vocab_multiple=128, seq=seq)
+    rope_tables = 2 * seq * (h // nq) * act
+    predicted = planning.layer_activation_bytes(shape, 1, micro, act) + rope_tables
+    assert abs(predicted - sum(saved.values())) <= 0.005 * sum(saved.values())
+
+
+# ------------------------------------------------------------------------------------------ measured peaks (GPU)
+def test_predicted_peak_is_within_15_percent_of_every_gpu_measurement():
+    records = json.loads(MEASUREMENTS.read_text())
+    gpu = [r for r in records if "cpu" not in r["device"].lower()]
+    assert len(gpu) >= 2, f"{MEASUREMENTS} needs GPU measurements (tools/plan.py CONFIG --measure --record)"
+    for r in records:
+        assert r.get("metric", "torch.cuda.max_memory_allocated") == "torch.cuda.max_memory_allocated"
+        predicted = planning.predict_peak_gib(r["config"], r.get("world_size") or r["config"].get("num_gpus") or 1)
+        error = predicted / r["measured_peak_gib"] - 1
+        assert abs(error) <= 0.15, f"{r['source']} on {r['device']}: predicted {predicted:.2f} GiB, measured " \
+                                   f"{r['measured_peak_gib']:.2f} GiB ({100 * error:+.1f}%)"
+
+
+def test_predict_peak_gib_reports_the_worst_stage():
+    cfg = load("astrosage70b_cpt.yml").config
+    keys = cfg.model_dump(mode="json")
+    allocated = planning.predict_peak_gib(keys, 2048)
+    assert allocated == planning.make_plan(cfg, gpus=2048).peak_gib
+    assert allocated == max(st.peak for st in planning.make_plan(cfg, gpus=2048).stages) / planning.GIB
+    assert planning.predict_peak_gib(keys, 2048, what="device") == pytest.approx(
+        allocated * (1 + planning.FRAGMENTATION) + planning.CONTEXT_GIB)
+
+
+# ------------------------------------------------------------------------------------------ configs and CLI
+def test_every_shipped_config_plans():
+    for path in CONFIGS:
+        names = [path.name]
+        if "num_layers" not in path.read_text():  # run overlays (demo*.yml) go on top of the tiny model, as make demo
+            names = ["tiny_cpu.yml", path.name]
+        plan = planning.make_plan(load(*names).config)
+        text = planning.format_plan(plan, path.name)
+        assert plan.params > 0 and plan.peak_gib > 0 and math.isfinite(plan.step_seconds), path.name
+        assert "Verdict:" in text, path.name
+
+
+def test_cli_plans_the_astrosage_layout_and_it_fits(capsys):
+    assert cli_main()(["configs/astrosage70b_cpt.yml", "--gpu", "mi250x", "--strict"]) == 0
+    out = capsys.readouterr().out
+    assert "2,048 x AMD MI250X GCD" in out
+    assert "TP 8 x PP 8 x DP 32, micro-batch 1 x 16 accumulation" in out
+    assert "70,553,706,496" in out
+    assert "Verdict: FITS" in out
+    assert "7/23 = 30.4%" in out
+
+
+def test_a_layout_that_does_not_fit_gets_a_suggestion_that_fits(capsys):
+    main = cli_main()
+    assert main(["configs/astrosage70b_cpt.yml", "--gpu", "mi250x", "--no-checkpoint", "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "Verdict: DOES NOT FIT" in out and "Nearest layouts that fit on the same 2,048 GPUs" in out
+
+    cfg = load("astrosage70b_cpt.yml").config
+    layout, _ = planning.alternative_layout(cfg, checkpoint=False)
+    plan = planning.make_plan(cfg, gpu="mi250x", layout=layout)
+    assert not plan.fits
+    found, more_gpus = planning.suggest(cfg, plan)
+    assert found and more_gpus is None
+    best = found[0].layout
+    again = planning.make_plan(cfg, gpu="mi250x", layout=best)  # re-planned from scratch, not trusted
+    assert again.fits and not again.problems
+    assert best.global_batch == 512 and best.gpus == 2048
+    assert best.checkpoint  # the one-key change: turn checkpointing back on
+
+
+def test_a_model_too_big_for_its_gpus_is_told_how_many_it_needs():
+    cfg = load("llama3.1-70b.yml").config  # a preset alone: one GPU, which 70B cannot fit in any layout
+    plan = planning.make_plan(cfg, gpu="h100")
+    assert not plan.fits
+    found, more_gpus = planning.suggest(cfg, plan)
+    assert found and more_gpus and more_gpus > 1
+    assert all(p.fits and p.layout.gpus == more_gpus for p in found)
+    # and no smaller power-of-two count has a layout that fits
+    smaller = planning.suggest(cfg, planning.make_plan(cfg, gpus=more_gpus // 2, gpu="h100"), max_scale=1)[0]
+    assert smaller == []
+
+
+def test_illegal_layouts_are_reported_with_the_configs_own_rules():
+    cfg = load("astrosage70b_cpt.yml").config
+    layout, _ = planning.alternative_layout(cfg, tp=3, gpus=3 * 8 * 32)
+    plan = planning.make_plan(cfg, gpus=3 * 8 * 32, gpu="mi250x", layout=layout)
+    assert not plan.fits
+    assert any("num_attention_heads 64 is not divisible by model_parallel_size 3" in p for p in plan.problems)
