@@ -316,11 +316,11 @@ def resolve_tag(input_dir: Path, iteration: Optional[int] = None, log: Callable[
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tag = metadata.find_loadable_tag(input_dir, wanted)
-        for w in caught:
-            log(f"warning: {w.message}")
     except FileNotFoundError as e:
         raise ConversionError(str(e)) from None
     if tag is not None:
+        for w in caught:  # e.g. a newer tag whose save was interrupted, skipped for this one
+            log(f"warning: {w.message}")
         return input_dir / tag
     # Checkpoints written before the trainer wrote neox_meta.json: newest tag with its config.yml.
     legacy = sorted((p for p in input_dir.glob("global_step*") if (p / "config.yml").is_file()
