@@ -137,7 +137,8 @@ class CheckpointManager:
         finetune = cfg.finetune
         weights_only = finetune or not meta.get("has_optimizer", True)
         src = meta["layout"]
-        same_layout = (src["tp"], src["pp"], src["dp"]) == (lay.tp, lay.pp, lay.dp)
+        # DP only shapes the optimizer's ZeRO partitions: a weights-only load needs TP and PP to match, no more.
+        same_layout = (src["tp"], src["pp"]) == (lay.tp, lay.pp) and (weights_only or src["dp"] == lay.dp)
         if same_layout:
             try:
                 path, _ = self.engine.load_checkpoint(
@@ -163,9 +164,9 @@ class CheckpointManager:
             self.engine.global_samples = state.consumed_samples
             self.engine.skipped_steps = int(meta.get("skipped_steps", 0))
             rng_path = tag_dir / f"rng_state_{self.rank:05d}.pt"
-            if same_layout and rng_path.exists():
+            if same_layout and src["dp"] == lay.dp and rng_path.exists():
                 rng.restore(torch.load(rng_path, weights_only=False))
-            elif not same_layout:
+            elif rng_path.exists():
                 self.log("RNG states not restored (the layout changed; streams are per rank)")
         self.log(f"loaded {tag_dir} (" + ("weights only, new run at step 0" if finetune else
                  f"step {state.iteration}, {state.consumed_samples} samples consumed"
