@@ -201,3 +201,22 @@ def test_loading_a_checkpoint_of_another_shape_names_both_shapes(tmp_path, data)
     err = proc.stderr
     assert "hidden_size=64" in err and "hidden_size=128" in err and "different: hidden_size" in err
     assert "Traceback" not in err
+
+
+def test_inspect_checkpoint_reports_layout_progress_and_config_diff(tmp_path, data, capsys):
+    sys.path.insert(0, str(ROOT / "tools" / "ckpts"))
+    import inspect_checkpoint
+
+    _ok(_deepy(_config(tmp_path / "run", data, (1, 1, 1), train_iters=2)))
+    root = tmp_path / "run" / "ckpt"
+    (root / "global_step3").mkdir()  # a save that was interrupted: files but no marker
+    (root / "global_step3" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    other = _config(tmp_path / "other", data, (1, 1, 1), train_iters=2, hidden_size=128)
+    assert inspect_checkpoint.main([str(root), "--config", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "global_step2" in out and "global_step3" in out and "INCOMPLETE" in out
+    assert "latest -> global_step2" in out and "\nglobal_step2 (saved" in out
+    assert "TP 1 x PP 1 x DP 1 = 1 ranks" in out and "iteration       2" in out
+    assert "samples         16  (512 tokens seen)" in out
+    assert "hidden_size: 64 -> 128" in out and "torch" in out
+    assert inspect_checkpoint.main([str(tmp_path / "other")]) == 2  # no checkpoint there
