@@ -49,4 +49,4 @@ docs-config: $(STAMP)
 	$(PY) -m megatron.config.docs > configs/README.md
 
 clean-demo:
-	rm -rf data/demo runs/demo
+	rm -rf data/demo runs/demo data/demo_replay runs/demo_replay
