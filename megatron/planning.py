@@ -59,14 +59,15 @@ DEFAULT_MFU = 0.40
 # What a device holds beyond PyTorch's caching allocator, and the allocator's own slack. The planner predicts the
 # allocated peak (torch.cuda.max_memory_allocated) from the code; to decide whether a layout *fits* it adds
 #  - FRAGMENTATION: the caching allocator rounds blocks and keeps freed blocks cached, so it reserves more than
-#    the allocated peak. Measured on one H100 for four configs of this trainer: reserved/allocated 1.02-1.04,
-#    since the tensor shapes repeat every micro-batch. 5% is assumed.
+#    the allocated peak. Measured on one H100 for six runs of this trainer: reserved/allocated 1.02-1.09 (the most
+#    with the compiled kernels). 10% is assumed.
 #  - CONTEXT_GIB: memory outside the allocator: the CUDA context with its kernels, cuBLAS/cuDNN workspaces and
-#    NCCL buffers. Measured on the same runs (device used minus reserved): 2.4 GiB with a one-rank NCCL group.
+#    NCCL buffers. Measured on the same runs (device used minus reserved): 2.1-2.4 GiB with a one-rank NCCL group.
 #    Multi-rank communicators (TP, PP, DP groups) add NCCL buffers of a few MiB per channel and peer, so 3 GiB is
 #    assumed. ROCm on MI250X is not measured here; the same figure is used.
+# Together they overestimate the measured device memory by 2-9%: a fit verdict errs on the safe side.
 CONTEXT_GIB = 3.0
-FRAGMENTATION = 0.05
+FRAGMENTATION = 0.10
 
 
 # ------------------------------------------------------------------------------------------------ model shape
@@ -317,15 +318,24 @@ def backward_working_bytes(shape: Shape, tp: int, micro: int, act: int) -> int:
     return act * s * (2 * shape.ffn // tp + 2 * shape.hidden) + act * 2 * shape.ffn * shape.hidden // tp
 
 
-def loss_peak_bytes(shape: Shape, tp: int, micro: int, act: int) -> int:
-    """The last stage around the vocab-parallel loss (this rank's V/TP slice of the logits):
-    the logits DeepSpeed keeps in pipe_buffers['outputs'] until backward, megatron-core's cross-entropy softmax
-    (computed in place in the fp32 copy the loss makes of the logits and kept for backward, where it becomes the
-    gradient in place), and the logits gradient cast back to the logits' dtype: 8 bytes per logit in bf16 (2+4+2)
-    and in fp32 (the fp32 'copy' is the logits themselves: 4+4). Then the output layer's bf16 weight gradient."""
+def loss_peak_bytes(shape: Shape, tp: int, micro: int, act: int, fused: bool = False) -> int:
+    """The last stage around the loss (causal_lm_loss; this rank's V/TP slice of the logits). Throughout, the
+    logits stay in DeepSpeed's pipe_buffers['outputs'] until the backward is done; the worst moment is one of:
+    - TP > 1, megatron-core's vocab-parallel cross-entropy: its softmax is computed in place in the fp32 copy the
+      loss makes of the logits, kept for backward and turned into the gradient in place, then cast back to the
+      logits' dtype: 2+4+2 bytes per logit in bf16 (4+4 in fp32, where the 'copy' is the logits themselves);
+    - TP 1, kernels.cross_entropy: compiled (fuse_pointwise), it reads the logits and writes their gradient, so no
+      fp32 logits exist; eager, its backward holds the fp32 logits, exp(x - lse), the one-hot mask (1 byte), its
+      float copy and their difference at once: 17 bytes per logit besides the logits (13 in fp32);
+    - then the output layer's backward: the logits, their gradient and its bf16 weight gradient."""
     logits = micro * shape.seq * shape.padded_vocab(tp) // tp
     weight = shape.padded_vocab(tp) * shape.hidden // tp
-    return max(8 * logits, 2 * act * logits + act * weight)
+    output_backward = 2 * act * logits + act * weight
+    if tp > 1:
+        return max(8 * logits, output_backward)
+    if fused:
+        return output_backward
+    return max((act + (4 if act == 2 else 0) + 13) * logits, output_backward)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -504,8 +514,9 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         # in flight; on the last stage first the loss; on the first stage the embedding's weight gradient.
         current = work + (layout.checkpoint_layers * a_layer if layout.checkpoint else 0)
         phase = "backward of a layer" + (" (recomputed)" if layout.checkpoint else "")
-        if last and loss_peak_bytes(shape, tp, b, act) > current:
-            current, phase = loss_peak_bytes(shape, tp, b, act), "loss backward (fp32 logits)"
+        loss = loss_peak_bytes(shape, tp, b, act, precision.fused)
+        if last and loss > current:
+            current, phase = loss, "loss backward (logits)"
         if first:
             current = max(current, act * local["embedding"])
         p2p = (act * sbh if not first else 0) + (act * sbh if not last else 0)  # recv buffers (activation, grad)
@@ -570,6 +581,9 @@ def make_plan(cfg: NeoXConfig, gpus: Optional[int] = None, gpu: str = DEFAULT_GP
         plan.problems.append(f"optimizer: {optimizer_name}")
     if layout.tp > spec.per_node:
         plan.notes.append(f"TP {layout.tp} spans nodes ({spec.per_node} GPUs per node): its all-reduces leave NVLink")
+    if getattr(cfg, "reset_attention_mask", False):
+        plan.notes.append("reset_attention_mask: the document-masked attention's memory is modelled as plain causal "
+                          "attention (flash/cuDNN); a kernel that builds a dense mask would add seq x seq terms")
     if cfg.vocab_size is None:
         plan.notes.append(f"vocab_size not set: assumed the Llama-3 tokenizer's {LLAMA3_VOCAB:,}")
     if not validated:
@@ -787,7 +801,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
         "  grads = bf16 param.grad + fp32 accumulation buffer (whole local model); master and Adam are this rank's",
         "  1/DP slice (ZeRO-1). acts = activations the in-flight micro-batches keep (1F1B: stage i has up to PP-i)",
         "  and DeepSpeed's pipe buffers; no-ckpt / ckpt = the same without / with activation checkpointing.",
-        "  work = at the worst moment: a recomputed layer, gradients in flight, or the loss's fp32 logits.",
+        "  work = at the worst moment: a recomputed layer and the gradients in flight, or the loss.",
         "  peak = weights + grads + master + Adam + acts + work (or, if larger, the moment of the gradient",
         "  all-reduce): what torch.cuda.max_memory_allocated reports;",
         f"  device = peak x {1 + FRAGMENTATION:.2f} (allocator) + {CONTEXT_GIB:g} GiB (context, NCCL, workspaces).",

@@ -13,10 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from megatron import planning
 
@@ -144,6 +147,49 @@ def test_layer_activations_are_what_autograd_saves(single_rank, dtype):
     rope_tables = 2 * seq * (h // nq) * act
     predicted = planning.layer_activation_bytes(shape, 1, micro, act) + rope_tables
     assert abs(predicted - sum(saved.values())) <= 0.005 * sum(saved.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors the ops under this mode create that are still alive, and their peak (storages are
+    counted once and leave the count when they are freed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = 0, 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self._seen:
+                storage, n = t.untyped_storage(), t.untyped_storage().nbytes()
+                self._seen.add(storage.data_ptr())
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, storage.data_ptr(), n)
+        return out
+
+    def _freed(self, ptr: int, n: int) -> None:
+        self.live -= n
+        self._seen.discard(ptr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_cross_entropy_backward_peak_is_what_the_planner_assumes(single_rank, dtype):
+    """TP 1 without fused kernels: the loss's backward is the largest transient of a one-GPU run (17 bytes per
+    logit in bf16 besides the logits); the planner's loss term must be that, not the 8 of megatron-core's path."""
+    from megatron.model import kernels
+
+    b, s, vocab = 2, 256, 4096
+    logits = torch.randn(b, s, vocab, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(0))
+    loss = kernels.cross_entropy(logits, labels, False).mean()
+    with LiveBytes() as tracker:
+        loss.backward()
+    act = 2 if dtype == torch.bfloat16 else 4
+    shape = planning.Shape(layers=1, hidden=8, heads=1, kv_heads=1, ffn=8, vocab=vocab, vocab_multiple=128, seq=s)
+    beyond_logits = planning.loss_peak_bytes(shape, 1, b, act, fused=False) - act * logits.numel()
+    assert tracker.peak == pytest.approx(beyond_logits, rel=1e-3)  # the rest: per-token vectors (lse, grad)
 
 
 # ------------------------------------------------------------------------------------------ measured peaks (GPU)

@@ -84,6 +84,20 @@ def recorded_keys(cfg) -> dict:
     return {k: dumped[k] for k in keys if dumped.get(k) is not None}
 
 
+def code_version() -> str:
+    """The commit the measured code is at (a record is only evidence for the model code it ran): $GIT_COMMIT if
+    set (copies of the tree, such as the GPU machine's, may carry a stale .git), else git's answer."""
+    import subprocess
+
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def measure(cfg, steps: int = 3) -> dict:
     """Peak memory of `steps` optimizer steps on this machine's GPU, built exactly as megatron/trainer.py builds
     a run (build_model, build_optimizer, build_scheduler, deepspeed_config, engine.train_batch), on random tokens
@@ -136,6 +150,7 @@ def measure(cfg, steps: int = 3) -> dict:
         "torch": torch.__version__,
         "steps": steps,
         "step_seconds": round(seconds[-1], 3),
+        "commit": code_version(),
     }
 
 
