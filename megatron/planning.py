@@ -692,11 +692,15 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(cfg: NeoXConfig, base: Layout, gpus: int, per_node: int, keep_global_batch: bool = True):
-    """Layouts on `gpus` devices: TP a divisor of the GPUs per node, PP a divisor of the layer count, DP the rest;
-    checkpointing off/on (partitioned when TP > 1), micro-batch a divisor of the per-replica batch."""
+    """Layouts on `gpus` devices: TP a divisor of the GPUs per node; PP a divisor of the layer count or a power of
+    two up to it (DeepSpeed splits layers unevenly, and 126 layers have no divisor between 2 and 126 that divides
+    a power-of-two GPU count); DP the rest; checkpointing off/on (partitioned when TP > 1); micro-batch a divisor of
+    the per-replica batch."""
     shape = shape_of(cfg)
+    stages = sorted(set(_divisors(shape.layers)) | {2**k for k in range(shape.layers.bit_length())
+                                                     if 2**k <= shape.layers})
     for tp in _divisors(per_node):
-        for pp in _divisors(shape.layers):
+        for pp in stages:
             if gpus % (tp * pp):
                 continue
             dp = gpus // (tp * pp)
@@ -723,10 +727,17 @@ def distance(a: Layout, b: Layout) -> float:
             + (a.checkpoint != b.checkpoint) + 0.25 * (a.partition != b.partition))
 
 
-def suggest(cfg: NeoXConfig, plan: Plan, limit: int = 3, max_scale: int = 64) -> tuple[list[Plan], Optional[int]]:
+MAX_SEARCH_GPUS = 16384
+
+
+def suggest(cfg: NeoXConfig, plan: Plan, limit: int = 3, max_scale: Optional[int] = None
+            ) -> tuple[list[Plan], Optional[int]]:
     """The closest fitting layouts on the same GPUs (fewest changes, then fastest); if none fits, the smallest
-    multiple of the GPU count (up to max_scale x) where one does, with that count returned too."""
+    power-of-two multiple of the GPU count (up to max_scale x, by default up to MAX_SEARCH_GPUS GPUs) where one
+    does, with that count returned too."""
     base, gpus = plan.layout, plan.layout.gpus
+    if max_scale is None:
+        max_scale = max(1, MAX_SEARCH_GPUS // gpus)
     scale = 1
     while scale <= max_scale:
         found = []

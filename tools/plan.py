@@ -55,7 +55,7 @@ def _changes(new: planning.Layout, old: planning.Layout) -> list[str]:
 def format_suggestions(plan: planning.Plan, found: list[planning.Plan], more_gpus: int | None) -> str:
     if not found:
         return (f"No layout of TP (divisors of {plan.gpu.per_node}) x PP (divisors of {plan.shape.layers} layers) "
-                f"fits {plan.gpu.name} at up to 64 x {plan.layout.gpus} GPUs.")
+                f"fits {plan.gpu.name}, up to {max(plan.layout.gpus, planning.MAX_SEARCH_GPUS):,} GPUs.")
     where = f"on {more_gpus:,} GPUs (none fits on {plan.layout.gpus:,})" if more_gpus else \
         f"on the same {plan.layout.gpus:,} GPUs"
     lines = [f"Nearest layouts that fit {where}:"]
