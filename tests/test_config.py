@@ -91,6 +91,8 @@ MALFORMED = [
     ({"min_lr": 1.0}, "min_lr", "peak lr"),
     ({"train_data_weights": [0.5, 0.5]}, "train_data_weights", "weights"),
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage", "1"),
+    ({"precision": "bf16", "zero_optimization": {"stage": 0}}, "zero_optimization.stage", "stage 1"),
+    ({"profile": True, "profile_step_start": 5, "profile_step_stop": 3}, "profile_step_stop", "before"),
     ({"rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 4096}}, "rope_scaling", "exceeds"),
     ({"fp16": {"enabled": True}}, "fp16", "bf16"),
     ({"num_nodes": 4}, "num_nodes,hostfile", "hostfile"),

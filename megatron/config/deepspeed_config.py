@@ -31,6 +31,9 @@ def deepspeed_config(cfg: NeoXConfig, dp: int, precision: str) -> dict[str, Any]
         },
     }
     if bf16:
-        # Accumulate gradients over micro-batches in fp32 (a bf16 accumulator loses small updates).
+        # Accumulate gradients over micro-batches in fp32 (a bf16 accumulator loses small updates), and all-reduce
+        # them in the same dtype: DeepSpeed would otherwise cast the fp32 sums to bf16 for the data-parallel
+        # reduction (twice the bytes on the wire, as Megatron does by default).
         ds["data_types"] = {"grad_accum_dtype": cfg.data_types.grad_accum_dtype}
+        ds["communication_data_type"] = cfg.data_types.grad_accum_dtype
     return ds

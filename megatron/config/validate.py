@@ -176,6 +176,15 @@ def _training(cfg: "NeoXConfig") -> list[ConfigIssue]:
     if cfg.precision and cfg.bf16 is not None and (cfg.precision == "bf16") != cfg.bf16.enabled:
         issues.append(ConfigIssue("precision,bf16", f"precision {cfg.precision!r} contradicts bf16.enabled "
                                   f"{cfg.bf16.enabled}", "keep one of the two keys", cfg.precision))
+    explicit_bf16 = cfg.precision == "bf16" or (cfg.precision is None and cfg.bf16 is not None and cfg.bf16.enabled)
+    if explicit_bf16 and cfg.zero_optimization.stage == 0 and cfg.data_types.grad_accum_dtype == "fp32":
+        issues.append(ConfigIssue("zero_optimization.stage", "DeepSpeed's bf16 optimizer with fp32 gradient "
+                                  "accumulation needs ZeRO stage 1 (it refuses stage 0 at start-up)",
+                                  "set zero_optimization: {stage: 1}", 0))
+    if cfg.profile and cfg.profile_step_stop < cfg.profile_step_start:
+        issues.append(ConfigIssue("profile_step_stop", f"profile_step_stop {cfg.profile_step_stop} is before "
+                                  f"profile_step_start {cfg.profile_step_start}",
+                                  "set profile_step_stop >= profile_step_start", cfg.profile_step_stop))
     if cfg.lr_decay_iters and cfg.train_iters and cfg.lr_decay_iters > 10 * cfg.train_iters:
         issues.append(ConfigIssue("lr_decay_iters", f"lr_decay_iters {cfg.lr_decay_iters} is more than 10x "
                                   f"train_iters {cfg.train_iters}; the lr would barely decay",
