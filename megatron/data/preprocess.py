@@ -1,8 +1,11 @@
 """Per-chunk work of tools/datasets/preprocess_data.py: parse, validate, clean and tokenize records.
 
-`process_chunk` runs in worker processes; it returns compact numpy arrays (cheap to send back) plus counters.
-Everything order-dependent (exact-duplicate removal, writing) happens in the parent, so the output does not
-depend on the number of workers.
+`process_chunk` runs in worker processes. A JSONL chunk arrives as one `RawChunk` (a block of whole lines as a
+single bytes object: the parent does no per-line work and pickles one object), a Parquet chunk as a list of
+`Record`s. The result is one numpy token array per key, already packed with BOS/EOD, plus per-document
+lengths and counters, so nothing is sent back as Python lists of ints. Everything order-dependent
+(exact-duplicate removal, writing) happens in the parent, so the output does not depend on the number of
+workers or on how the input is cut into chunks.
 """
 
 from __future__ import annotations
@@ -10,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megatron.data.cleaning import gopher_repetition_reason
-from megatron.data.readers import Record
+from megatron.data.readers import RawChunk, Record
 from megatron.data.tokenizer import Tokenizer, build_tokenizer
 
 
@@ -38,12 +41,25 @@ class PreprocessOptions:
     strict: bool = False
 
 
+def records_of(chunk: RawChunk | Sequence[Record]) -> Iterator[Record]:
+    """The records of a chunk; blank lines are not records (as in readers.iter_jsonl)."""
+    if not isinstance(chunk, RawChunk):
+        yield from chunk
+        return
+    lines = chunk.data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # after the final newline
+    for i, raw in enumerate(lines):
+        if raw.strip():
+            yield Record(chunk.source, chunk.first_line + i, raw)
+
+
 @dataclass
 class KeyResult:
     """Documents of one JSON key kept in one chunk, and what happened to the others."""
 
     tokens: np.ndarray
-    lengths: list[int] = field(default_factory=list)
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     hashes: list[bytes] = field(default_factory=list)  # text hashes, only with --dedup
     dropped: Counter = field(default_factory=Counter)
     bad: Counter = field(default_factory=Counter)
@@ -58,7 +74,9 @@ class ChunkResult:
     bad_examples: list[str]  # "file:line: reason" for the first bad records of the chunk
 
 
-_MAX_EXAMPLES_PER_CHUNK = 5
+# As many as the parent keeps in total, so the examples are the first bad records of the input whatever the
+# chunking or the number of workers.
+_MAX_EXAMPLES_PER_CHUNK = 100
 
 # Per-process state, set once by `init_worker` (tokenizers are expensive to build and not all are picklable).
 _tokenizer: Tokenizer | None = None
@@ -89,21 +107,23 @@ def _parse(record: Record) -> tuple[dict | None, str | None]:
     return obj, None
 
 
-def _text_of(obj: dict, key: str) -> tuple[str | None, str | None]:
+def _text_of(obj: dict, key: str) -> tuple[str | None, str | int]:
+    """(text, its UTF-8 size in bytes) or (None, reason)."""
     if key not in obj:
         return None, "missing_key"
     value = obj[key]
     if not isinstance(value, str):
         return None, "not_a_string"
+    if value.isascii():  # O(1) for str: no surrogates, one byte per character
+        return value, len(value)
     try:
-        value.encode("utf-8")  # lone surrogates from "\ud800"-style escapes cannot be tokenized
+        return value, len(value.encode("utf-8"))  # lone surrogates from "\ud800"-style escapes cannot be tokenized
     except UnicodeEncodeError:
         return None, "invalid_unicode"
-    return value, None
 
 
 def _drop_reason(text: str, options: PreprocessOptions) -> str | None:
-    if not text.strip():
+    if not text or text.isspace():  # as `not text.strip()`, without copying the text
         return "empty"
     if len(text) < options.min_chars:
         return "min_chars"
@@ -112,25 +132,30 @@ def _drop_reason(text: str, options: PreprocessOptions) -> str | None:
     return None
 
 
-def _pack(token_lists: Sequence[list[int]], options: PreprocessOptions, tokenizer: Tokenizer, dtype: np.dtype
-          ) -> tuple[np.ndarray, list[int]]:
-    """Concatenate documents (with BOS/EOD) into one array; returns it and the per-document lengths."""
+def _pack(texts: Sequence[str], options: PreprocessOptions, tokenizer: Tokenizer, dtype: np.dtype
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents and concatenate them (with BOS/EOD) into one array; returns it and the per-document
+    lengths. Ids are below the vocabulary size, which chose `dtype`, so the cast cannot wrap."""
+    bos = np.array([tokenizer.bos_id], dtype=dtype) if options.bos else None
+    eod = np.array([tokenizer.eod_id], dtype=dtype) if options.append_eod else None
     extra = int(options.bos) + int(options.append_eod)
-    lengths = [len(ids) + extra for ids in token_lists]
-    out = np.empty(sum(lengths), dtype=dtype)
-    pos = 0
-    for ids, length in zip(token_lists, lengths):
-        if options.bos:
-            out[pos] = tokenizer.bos_id
-        out[pos + int(options.bos) : pos + int(options.bos) + len(ids)] = ids
-        if options.append_eod:
-            out[pos + length - 1] = tokenizer.eod_id
-        pos += length
-    return out, lengths
+    pieces: list[np.ndarray] = []
+    lengths = np.empty(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode_to_array(text)
+        if bos is not None:
+            pieces.append(bos)
+        pieces.append(ids)
+        if eod is not None:
+            pieces.append(eod)
+        lengths[i] = len(ids) + extra
+    if not pieces:
+        return np.zeros(0, dtype), lengths
+    return np.concatenate(pieces, dtype=dtype, casting="unsafe"), lengths
 
 
-def process_chunk(records: Sequence[Record], dtype: np.dtype) -> ChunkResult:
-    """Parse, validate, clean and tokenize `records` with the state set by `init_worker`."""
+def process_chunk(chunk: RawChunk | Sequence[Record], dtype: np.dtype) -> ChunkResult:
+    """Parse, validate, clean and tokenize the records of `chunk` with the state set by `init_worker`."""
     assert _tokenizer is not None and _options is not None, "init_worker() was not called"
     options, tokenizer = _options, _tokenizer
     texts: dict[str, list[str]] = {k: [] for k in options.keys}
@@ -146,7 +171,9 @@ def process_chunk(records: Sequence[Record], dtype: np.dtype) -> ChunkResult:
         if len(examples) < _MAX_EXAMPLES_PER_CHUNK:
             examples.append(message)
 
-    for record in records:
+    records = 0
+    for record in records_of(chunk):
+        records += 1
         obj, reason = _parse(record)
         if obj is None:
             bad(record, reason, None)
@@ -155,12 +182,12 @@ def process_chunk(records: Sequence[Record], dtype: np.dtype) -> ChunkResult:
             continue
         for key in options.keys:
             result = results[key]
-            text, reason = _text_of(obj, key)
+            text, size = _text_of(obj, key)
             if text is None:
-                bad(record, reason, key)
-                result.bad[reason] += 1
+                bad(record, size, key)
+                result.bad[size] += 1
                 continue
-            result.text_bytes += len(text.encode("utf-8"))
+            result.text_bytes += size
             if options.ftfy:
                 fixed = fix_text(text)
                 result.ftfy_fixed += fixed != text
@@ -173,5 +200,5 @@ def process_chunk(records: Sequence[Record], dtype: np.dtype) -> ChunkResult:
             texts[key].append(text)
 
     for key, result in results.items():
-        result.tokens, result.lengths = _pack([tokenizer.encode(t) for t in texts[key]], options, tokenizer, dtype)
-    return ChunkResult(records=len(records), per_key=results, bad_examples=examples)
+        result.tokens, result.lengths = _pack(texts[key], options, tokenizer, dtype)
+    return ChunkResult(records=records, per_key=results, bad_examples=examples)

@@ -1,7 +1,9 @@
 """Stream raw records out of corpus files: JSONL (plain, .gz, .zst) and Parquet.
 
 Records are not parsed here: JSONL lines stay bytes, so decoding and JSON errors are found (and counted with
-their file and line) in the worker processes that also tokenize them.
+their file and line) in the worker processes that also tokenize them. `iter_jsonl_chunks` does not even split
+lines: it cuts the file into blocks of whole lines, so the reading process does a few calls per block, not per
+line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ class Record(NamedTuple):
     source: str  # file path
     line: int  # 1-based line number (JSONL) or row number (Parquet)
     payload: bytes | dict[str, Any]  # a raw JSONL line, or a Parquet row restricted to the requested keys
+
+
+class RawChunk(NamedTuple):
+    """Consecutive JSONL lines of one file: `data` holds whole lines ('\\n'-terminated except perhaps at the
+    end of the file), the first of which is line `first_line` (1-based)."""
+
+    source: str
+    first_line: int
+    data: bytes
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
@@ -54,6 +65,27 @@ def iter_jsonl(path: str) -> Iterator[Record]:
         for line_no, raw in enumerate(f, 1):
             if raw.strip():  # blank lines (often a trailing one) are not records
                 yield Record(path, line_no, raw)
+
+
+def iter_jsonl_chunks(path: str, max_lines: int, max_bytes: int) -> Iterator[RawChunk]:
+    """Blocks of at most `max_lines` lines and about `max_bytes` bytes (a block always ends at a line end, so
+    a line longer than `max_bytes` makes a longer block)."""
+    line = 1
+    with open_binary(path) as f:
+        while block := f.read(max_bytes):
+            if not block.endswith(b"\n"):
+                block += f.readline()  # complete the last line
+            pos = 0
+            while pos < len(block):
+                end = pos
+                for _ in range(max_lines):
+                    end = block.find(b"\n", end) + 1
+                    if end == 0 or end >= len(block):
+                        end = len(block)
+                        break
+                yield RawChunk(path, line, block[pos:end])
+                line += block.count(b"\n", pos, end)
+                pos = end
 
 
 def iter_parquet(path: str, keys: Sequence[str], batch_rows: int = 4096) -> Iterator[Record]:

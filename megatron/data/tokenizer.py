@@ -12,6 +12,8 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
+import numpy as np
+
 # tiktoken's Rust core panics on inputs above ~400k characters and on very long runs of whitespace or
 # non-whitespace (openai/tiktoken#195). We cut text the same way Meta's reference tokenizer does, so ids are
 # identical to llama_models' Tokenizer even for huge documents.
@@ -52,6 +54,29 @@ _NON_SPACE_RUN = re.compile(r"\S*")
 _SPACE_RUN = re.compile(r"\s*")
 
 
+_BLOCK = MAX_CONSECUTIVE_RUN_CHARS // 2
+
+
+def may_have_long_run(chunk: str) -> bool:
+    """False when `chunk` certainly has no run of more than 25k whitespace or non-whitespace characters.
+
+    Such a run contains a whole aligned block of 12.5k characters, so it suffices that every whole block holds
+    both kinds of character. Each block costs one or two `str.find`s (memchr speed) plus an `isspace()` that
+    stops at the first non-space, instead of a Python regex visiting every character (which cost ~10% of
+    encoding on the demo corpus, a quarter of whose text is in documents above 25k characters). True means
+    "look closer": the exact regex then decides.
+    """
+    if len(chunk) <= MAX_CONSECUTIVE_RUN_CHARS:
+        return False
+    for start in range(0, len(chunk) - _BLOCK + 1, _BLOCK):
+        end = start + _BLOCK
+        if chunk.find(" ", start, end) < 0 and chunk.find("\n", start, end) < 0:
+            return True  # perhaps no whitespace at all in the block
+        if chunk[start:end].isspace():
+            return True
+    return False
+
+
 def split_for_tiktoken(text: str) -> Iterator[str]:
     """Yield pieces of `text` that tiktoken can encode safely, cut exactly where Meta's reference cuts.
 
@@ -59,7 +84,10 @@ def split_for_tiktoken(text: str) -> Iterator[str]:
     non-whitespace) characters is cut every 25k characters from the start of the run.
     """
     for start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
-        chunk = text[start : start + TIKTOKEN_MAX_ENCODE_CHARS]
+        chunk = text[start : start + TIKTOKEN_MAX_ENCODE_CHARS] if len(text) > TIKTOKEN_MAX_ENCODE_CHARS else text
+        if not may_have_long_run(chunk):
+            yield chunk
+            continue
         piece_start = 0
         for match in _LONG_RUN.finditer(chunk):
             run_start = match.start()
@@ -91,6 +119,10 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
 
+    def encode_to_array(self, text: str) -> np.ndarray:
+        """Token ids of `text` as a 1-D integer array (same ids as `encode`); preprocessing packs these."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
 
@@ -100,6 +132,9 @@ def default_llama3_tokenizer_path() -> str:
     import llama_models
 
     return os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
+
+
+_NOTHING: frozenset[str] = frozenset()
 
 
 class Llama3Tokenizer(Tokenizer):
@@ -127,20 +162,38 @@ class Llama3Tokenizer(Tokenizer):
         self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
         self.eot_id = self.special_tokens["<|eot_id|>"]
 
+    # Plain document text goes through encode_ordinary: `encode` would first check the text for the 256
+    # special-token strings (a Python regex scan, then an error if one is found) and, with allowed_special, turn
+    # them into control ids; here such strings are ordinary text by design (see the module docstring).
     def encode(self, text: str) -> list[int]:
-        if len(text) <= MAX_CONSECUTIVE_RUN_CHARS:  # common case: nothing to cut
+        if len(text) <= TIKTOKEN_MAX_ENCODE_CHARS and not may_have_long_run(text):  # common case: nothing to cut
             return self._encoding.encode_ordinary(text)
         ids: list[int] = []
         for piece in split_for_tiktoken(text):
             ids.extend(self._encoding.encode_ordinary(piece))
         return ids
 
+    def encode_to_array(self, text: str) -> np.ndarray:
+        """`encode(text)` as a uint32 array, without building a Python list of ints (~10% faster than
+        `encode`). tiktoken's encode_to_numpy with nothing allowed and nothing disallowed runs the same BPE as
+        encode_ordinary (its special-token search finds no *allowed* token, so the whole text is ordinary);
+        tests check the ids are identical."""
+        if len(text) <= TIKTOKEN_MAX_ENCODE_CHARS and not may_have_long_run(text):
+            return self._encode_piece_to_array(text)
+        pieces = [self._encode_piece_to_array(piece) for piece in split_for_tiktoken(text)]
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
+
+    def _encode_piece_to_array(self, piece: str) -> np.ndarray:
+        if hasattr(self._encoding, "encode_to_numpy"):  # tiktoken >= 0.8
+            return self._encoding.encode_to_numpy(piece, allowed_special=_NOTHING, disallowed_special=())
+        return np.asarray(self._encoding.encode_ordinary(piece), dtype=np.uint32)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # tiktoken encodes a batch on native threads without the GIL; cut long texts first, then regroup.
         pieces: list[str] = []
         owners: list[int] = []
         for i, text in enumerate(texts):
-            for piece in split_for_tiktoken(text) if len(text) > MAX_CONSECUTIVE_RUN_CHARS else (text,):
+            for piece in split_for_tiktoken(text):
                 pieces.append(piece)
                 owners.append(i)
         out: list[list[int]] = [[] for _ in texts]

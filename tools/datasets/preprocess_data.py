@@ -32,10 +32,14 @@ from tqdm import tqdm  # noqa: E402
 from megatron.data import preprocess  # noqa: E402
 from megatron.data.indexed_dataset import IndexedDatasetWriter, best_dtype  # noqa: E402
 from megatron.data.preprocess import BadRecordError, ChunkResult, PreprocessOptions  # noqa: E402
-from megatron.data.readers import Record, expand_inputs, iter_records  # noqa: E402
+from megatron.data.readers import PARQUET_SUFFIXES, RawChunk, Record, expand_inputs, iter_jsonl_chunks, iter_parquet  # noqa: E402,E501
 from megatron.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
-_CHUNK_BYTES = 1 << 20  # a chunk closes at this much raw input or at --chunk-size records
+# A chunk closes at this much raw input or at --chunk-size records. Small enough that the last chunks, which
+# only some workers get, cost little (~20 ms of tokenizing each), large enough that the per-chunk overhead
+# (one pickled bytes object each way plus a few calls) is well under 1%.
+_CHUNK_BYTES = 256 << 10
+_IN_FLIGHT_PER_WORKER = 4
 _MAX_PRINTED_BAD = 20
 _MAX_STORED_BAD = 100
 
@@ -61,7 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     clean.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (by text hash)")
     run = p.add_argument_group("run")
     run.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    run.add_argument("--chunk-size", type=int, default=256, help="records per work unit")
+    run.add_argument("--chunk-size", type=int, default=256,
+                     help="records (JSONL lines) per work unit at most; a unit also closes at 256 KiB of input")
     run.add_argument("--strict", action="store_true", help="stop at the first bad record instead of counting it")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = p.parse_args(argv)
@@ -84,11 +89,20 @@ def chunked(records: Iterator[Record], max_records: int) -> Iterator[list[Record
         yield chunk
 
 
-def run_chunks(chunks: Iterator[list[Record]], dtype: np.dtype, workers: int) -> Iterator[ChunkResult]:
-    """Results in input order. With several workers, at most 2 chunks per worker are in flight, so memory
+def iter_chunks(paths: Sequence[str], keys: Sequence[str], max_records: int) -> Iterator[RawChunk | list[Record]]:
+    """Work units in input order: blocks of raw JSONL lines (no per-line work here), lists of Parquet rows."""
+    for path in paths:
+        if path.endswith(PARQUET_SUFFIXES):
+            yield from chunked(iter_parquet(path, keys), max_records)
+        else:
+            yield from iter_jsonl_chunks(path, max_records, _CHUNK_BYTES)
+
+
+def run_chunks(chunks: Iterator[RawChunk | list[Record]], dtype: np.dtype, workers: int) -> Iterator[ChunkResult]:
+    """Results in input order. With several workers, at most a few chunks per worker are in flight, so memory
     stays bounded however large the input (Pool.imap would read the whole input ahead). `main` has set up this
     process with `preprocess.init_worker`; forked workers inherit that state instead of loading the tokenizer
-    again."""
+    again. Workers parse, clean and tokenize; this process only reads blocks and writes results."""
     if workers == 1:
         for chunk in chunks:
             yield preprocess.process_chunk(chunk, dtype)
@@ -99,7 +113,7 @@ def run_chunks(chunks: Iterator[list[Record]], dtype: np.dtype, workers: int) ->
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(preprocess.process_chunk, (chunk, dtype)))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= _IN_FLIGHT_PER_WORKER * workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
@@ -176,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    for key in options.keys}
         bar = stack.enter_context(tqdm(unit=" docs", unit_scale=True, mininterval=0.5, disable=not args.progress,
                                        desc="preprocess"))
-        chunks = chunked(iter_records(inputs, options.keys), args.chunk_size)
+        chunks = iter_chunks(inputs, options.keys, args.chunk_size)
         try:
             for result in run_chunks(chunks, dtype, args.workers):
                 for key, key_result in result.per_key.items():
