@@ -220,3 +220,40 @@ def test_inspect_checkpoint_reports_layout_progress_and_config_diff(tmp_path, da
     assert "samples         16  (512 tokens seen)" in out
     assert "hidden_size: 64 -> 128" in out and "torch" in out
     assert inspect_checkpoint.main([str(tmp_path / "other")]) == 2  # no checkpoint there
+
+
+def test_finetune_override_lr_scheduler_and_exit_interval(tmp_path, data):
+    from megatron.config.loader import load_config
+    from megatron.optim import lr_at
+
+    one = (1, 1, 1)
+    _ok(_deepy(_config(tmp_path / "base", data, one, train_iters=4)))
+    ckpt = str(tmp_path / "base" / "ckpt")
+
+    # A changed schedule on resume is refused, naming the keys, unless override_lr_scheduler says so.
+    changed = dict(train_iters=8, optimizer={"type": "Adam", "params": {"lr": 1.0e-3}})
+    refused = _deepy(_config(tmp_path / "refused", data, one, load=ckpt, **changed))
+    assert refused.returncode == 2 and "lr 0.003 -> 0.001" in refused.stderr and "override_lr_scheduler" in refused.stderr
+
+    # With the override the run continues at step 5 on the new schedule; exit_interval stops it at step 6, exit 0.
+    cfg_path = _config(tmp_path / "override", data, one, load=ckpt, override_lr_scheduler=True, exit_interval=6,
+                       **changed)
+    out = _ok(_deepy(cfg_path))
+    assert "exit_interval 6 reached" in out
+    records = [json.loads(line) for line in (tmp_path / "override" / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
+    assert sorted(lrs) == [5, 6]
+    new_cfg = load_config([str(cfg_path)]).config
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(lr_at(step, new_cfg), rel=1e-9)
+    assert json.loads((tmp_path / "override" / "ckpt" / "global_step6" / "neox_meta.json").read_text())["iteration"] == 6
+
+    # finetune: weights only, a new run from step 1 with a fresh optimizer and schedule.
+    out = _ok(_deepy(_config(tmp_path / "sft", data, one, load=ckpt, finetune=True, train_iters=2)))
+    assert "weights only, new run at step 0" in out
+    records = [json.loads(line) for line in (tmp_path / "sft" / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    base = {r["step"]: r["train/loss"] for r in (json.loads(x) for x in
+            (tmp_path / "base" / "run" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r}
+    first = next(r["train/loss"] for r in records if "train/loss" in r)
+    assert steps == [1, 2] and first < base[1]  # it starts from the trained weights, not from scratch
