@@ -34,12 +34,19 @@ def default_run_dir(cfg: NeoXConfig, name: str = "run") -> str:
     return cfg.run_dir or os.path.join("runs", name)
 
 
-def _lm_batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (inputs, labels) pairs in the form DeepSpeed's pipeline engine consumes."""
+def _lm_batches(loader, eod_mask_id: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (inputs, labels) pairs in the form DeepSpeed's pipeline engine consumes.
+
+    eod_mask_id (eod_mask_loss): positions whose input token is this EOD id get label -100, which the loss
+    ignores: the token after a document's end is not predicted from that document. Document ids for
+    reset_position_ids / reset_attention_mask are computed by the model's embedding stage from the inputs."""
     while True:
         for batch in loader:
             tokens = batch["tokens"]
-            yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+            inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+            if eod_mask_id is not None:
+                labels = labels.masked_fill(inputs.eq(eod_mask_id), -100)
+            yield inputs, labels
 
 
 class Trainer:
@@ -70,7 +77,8 @@ class Trainer:
 
         self.precision = cfg.resolved_precision
         self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
-        self.model_cfg = LlamaConfig.from_neox(cfg, cfg.vocab_size or self.tokenizer.vocab_size, torch.float32)
+        self.model_cfg = LlamaConfig.from_neox(cfg, cfg.vocab_size or self.tokenizer.vocab_size, torch.float32,
+                                               eod_token_id=self.tokenizer.eod_id)
         model = build_model(self.model_cfg, self.layout, cfg.pipe_partition_method)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -161,7 +169,8 @@ class Trainer:
             train = self.epoch_data.train
         micro, lay = cfg.train_micro_batch_size_per_gpu, self.layout
         self.train_iter = _lm_batches(
-            make_data_loader(train, micro, lay.dp_rank, lay.dp, self.consumed_samples, cfg.num_workers))
+            make_data_loader(train, micro, lay.dp_rank, lay.dp, self.consumed_samples, cfg.num_workers),
+            self.tokenizer.eod_id if cfg.eod_mask_loss else None)
         # Validation sets by metric prefix: the domain set, and with replay the general-text set, so forgetting
         # shows directly as valid_replay/loss.
         self.valid_sets = {}
@@ -278,7 +287,7 @@ class Trainer:
         results = {}
         for prefix, dataset in self.valid_sets.items():
             loader = make_data_loader(dataset, cfg.train_micro_batch_size_per_gpu, lay.dp_rank, lay.dp, 0, 0)
-            batches = _lm_batches(loader)
+            batches = _lm_batches(loader, self.tokenizer.eod_id if cfg.eod_mask_loss else None)
             losses = [self.engine.eval_batch(data_iter=batches).item() for _ in range(cfg.eval_iters)]
             loss = sum(losses) / len(losses)
             ppl = float(np.exp(min(loss, 50.0)))

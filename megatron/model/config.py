@@ -36,14 +36,27 @@ class LlamaConfig:
     partition_activations: bool = False
     attention_backend: str = "auto"
     fuse_pointwise: bool = False
+    # Packed samples (doc_mask.py): documents end with the tokenizer's EOD token; with either flag on, document
+    # ids travel with the hidden states through the pipeline and positions / attention restart per document.
+    eod_token_id: Optional[int] = None
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def document_aware(self) -> bool:
+        """Whether activations between stages carry document ids with the hidden states."""
+        return self.reset_position_ids or self.reset_attention_mask
+
     @classmethod
-    def from_neox(cls, cfg, vocab_size: int, params_dtype: torch.dtype) -> "LlamaConfig":
+    def from_neox(cls, cfg, vocab_size: int, params_dtype: torch.dtype,
+                  eod_token_id: Optional[int] = None) -> "LlamaConfig":
+        """`eod_token_id`: the tokenizer's end-of-document id, needed when reset_position_ids or
+        reset_attention_mask is on (the model finds document boundaries in the tokens by it)."""
         return cls(
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
@@ -70,6 +83,9 @@ class LlamaConfig:
             partition_activations=cfg.partition_activations,
             attention_backend=cfg.attention_backend,
             fuse_pointwise=cfg.fuse_pointwise,
+            eod_token_id=eod_token_id,
+            reset_position_ids=cfg.reset_position_ids,
+            reset_attention_mask=cfg.reset_attention_mask,
         )
 
     # ---- initialisation scales ----

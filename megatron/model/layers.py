@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from megatron.model import kernels, sharding
+from megatron.model import doc_mask, kernels, sharding
 from megatron.model.config import LlamaConfig
 from megatron.model.rope import RotaryEmbedding
 from megatron.parallel.layout import kv_group
@@ -127,7 +129,9 @@ class Attention(torch.nn.Module):
                 with torch.no_grad():
                     bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [b, s, hidden]; doc_ids [b, s] (document of each token of a packed sample) only when
+        reset_position_ids / reset_attention_mask are on (doc_mask.py)."""
         b, s, _ = x.shape
         d = self.head_dim
         qkv, _ = self.qkv(x)
@@ -137,13 +141,20 @@ class Attention(torch.nn.Module):
         q = q.view(b, s, self.heads, d).transpose(1, 2)
         k = k.view(b, s, self.kv_heads, d).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
-        cos, sin = self.rotary(s, x.device, x.dtype)
+        if doc_ids is not None and self.cfg.reset_position_ids:
+            cos, sin = doc_mask.rope_tables(self.rotary, doc_ids, x.dtype)  # positions restart per document
+        else:
+            cos, sin = self.rotary(s, x.device, x.dtype)
         q, k = self._rope(q, k, cos, sin)
         dropout = self.cfg.attention_dropout if self.training else 0.0
-        # enable_gqa lets SDPA broadcast kv heads instead of materialising repeated k/v.
-        with kernels.sdpa_context(self.cfg.attention_backend):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                 enable_gqa=self.kv_heads != self.heads)
+        gqa = self.kv_heads != self.heads
+        if doc_ids is not None and self.cfg.reset_attention_mask:
+            out = doc_mask.attention(q, k, v, doc_ids, dropout_p=dropout, enable_gqa=gqa,
+                                     backend=self.cfg.attention_backend)
+        else:
+            # enable_gqa lets SDPA broadcast kv heads instead of materialising repeated k/v.
+            with kernels.sdpa_context(self.cfg.attention_backend):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, s, self.heads * d)
         out, _ = self.dense(out)
         return out
@@ -195,14 +206,15 @@ class TransformerLayer(torch.nn.Module):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.cfg.hidden_dropout, self.training) if self.cfg.hidden_dropout else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._dropout(self.attention(self.input_layernorm(x)))
+    def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self._dropout(self.attention(self.input_layernorm(x), doc_ids))
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Embedding(torch.nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
+        self.cfg = cfg
         rank, tp = tp_rank_size()
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             cfg.padded_vocab_size, cfg.hidden_size, init_method=lambda w: None, config=megatron_config(cfg)

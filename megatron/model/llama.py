@@ -2,6 +2,12 @@
 
 With one stage (PP 1) it is still a PipelineModule, so one code path serves every layout; `model(tokens)` then
 returns this TP rank's slice of the logits.
+
+What flows between layers (and stages) is the hidden states [b, s, hidden]. With reset_position_ids or
+reset_attention_mask on, it is the tuple (hidden states, document ids [b, s] int32): the embedding computes the
+ids from the tokens (doc_mask.document_ids), every transformer layer passes them on, and the final norm drops
+them. DeepSpeed's pipeline engine sends tuples between stages and sends gradients back for the floating-point
+members only; activation checkpointing (torch's or DeepSpeed's partitioned one) saves the int ids as they are.
 """
 
 from __future__ import annotations
@@ -9,22 +15,39 @@ from __future__ import annotations
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 
+from megatron.model import doc_mask
 from megatron.model.config import LlamaConfig
 from megatron.model.layers import Embedding, OutputLayer, RMSNorm, TransformerLayer, make_loss_fn
 from megatron.parallel.layout import ParallelLayout
 
 
 class EmbeddingPipe(Embedding):
-    pass
+    def forward(self, tokens: torch.Tensor):
+        hidden = super().forward(tokens)
+        if not self.cfg.document_aware:
+            return hidden
+        eod = self.cfg.eod_token_id
+        if eod is None or not 0 <= eod < self.cfg.vocab_size:
+            raise ValueError(f"reset_position_ids / reset_attention_mask find documents by the EOD token, but "
+                             f"eod_token_id is {eod} (vocabulary {self.cfg.vocab_size}): pass the tokenizer's EOD "
+                             f"id to LlamaConfig.from_neox")
+        return hidden, doc_mask.document_ids(tokens, eod)
 
 
 class TransformerLayerPipe(TransformerLayer):
-    pass
+    def forward(self, inputs):
+        if isinstance(inputs, tuple):
+            hidden, doc_ids = inputs
+            return super().forward(hidden, doc_ids), doc_ids
+        return super().forward(inputs)
 
 
 class FinalNormPipe(RMSNorm):
     def __init__(self, cfg: LlamaConfig):
         super().__init__(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype, cfg.fuse_pointwise)
+
+    def forward(self, inputs):
+        return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
 
 
 class OutputLayerPipe(OutputLayer):
