@@ -80,6 +80,22 @@ def test_flex_block_mask_attention_equals_dense_mask_sdpa():
     torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
 
 
+def test_memoised_masks_and_tables_die_with_their_document_ids(single_rank):
+    """What is memoised per document-id tensor (block mask, dense mask, positions, RoPE rows) is freed with it:
+    no growth over micro-batches (the block mask's mask_mod must not keep its own key alive)."""
+    import gc
+
+    model = build_model(tiny_config(reset_position_ids=True, reset_attention_mask=True), single_rank)
+    for step in range(3):
+        packed, _ = packed_sample()
+        ids = doc_mask.document_ids(packed, EOD)
+        doc_mask.block_mask(ids, compiled=False)
+        model.loss_fn(model(packed), torch.roll(packed, -1, dims=1)).backward()
+        del ids
+        gc.collect()
+        assert len(doc_mask._derived) == 0, step
+
+
 # ---- the model: no attention across a document boundary --------------------------------------------------------
 def test_packed_documents_equal_documents_alone_and_get_no_gradient_across(single_rank):
     packed, spans = packed_sample()

@@ -63,3 +63,38 @@ def test_sdpa_backends_match_math(backend):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
     _close(out, ref, 2e-2)
+
+
+def test_flex_document_attention_matches_dense_mask_sdpa():
+    """reset_attention_mask on CUDA: compiled FlexAttention with a block mask from the document ids (what the
+    model runs) against SDPA with the dense [s, s] mask (the CPU path), bf16, GQA 32:8, a length that is not a
+    multiple of the 128 block; outputs and gradients, and no gradient across a document boundary."""
+    from megatron.model import doc_mask
+
+    torch.manual_seed(0)
+    b, s = 2, 2000
+    tokens = torch.randint(0, 300, (b, s), device=DEV)  # EOD 0: ~7 documents per row
+    ids = doc_mask.document_ids(tokens, 0)
+    leaves = [torch.randn(b, h, s, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for h in (32, 8, 8)]
+    g = torch.randn(b, 32, s, 128, device=DEV, dtype=torch.bfloat16)
+    assert doc_mask.use_flex(leaves[0], "auto", 0.0)
+
+    def run(impl, dtype):
+        q, k, v = (t.detach().to(dtype).requires_grad_(True) for t in leaves)
+        out = doc_mask.attention(q, k, v, ids, dropout_p=0.0, enable_gqa=True, impl=impl)
+        (out.float() * g.float()).sum().backward()
+        return out, q.grad, k.grad, v.grad
+
+    flex, dense, ref = run("auto", torch.bfloat16), run("sdpa", torch.bfloat16), run("sdpa", torch.float32)
+    for a, d, r in zip(flex, dense, ref):
+        _close(a, r, 2e-2)
+        _close(d, r, 2e-2)
+
+    # Only the second document's outputs get a gradient: keys and values of every other document get exactly 0.
+    first_end = int((tokens[0] == 0).nonzero()[0])
+    second = ids[0] == 1
+    q, k, v = (t.detach().requires_grad_(True) for t in leaves)
+    out = doc_mask.attention(q, k, v, ids, dropout_p=0.0, enable_gqa=True)
+    out[0][:, second].float().sum().backward()
+    assert torch.count_nonzero(k.grad[0][:, : first_end + 1]) == 0 and torch.count_nonzero(v.grad[0][:, ~second]) == 0
+    assert torch.count_nonzero(k.grad[0][:, second]) > 0

@@ -96,7 +96,9 @@ def block_mask(doc_ids: torch.Tensor, compiled: bool):
 
     def make():
         create, _ = _flex(compiled)
-        ids = doc_ids
+        # The mask_mod (kept by the BlockMask) must not hold the memo's key, or the entry would never be freed:
+        # capture an alias of the same storage instead.
+        ids = doc_ids.detach()
 
         def same_document_causal(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (ids[b, q_idx] == ids[b, kv_idx])
