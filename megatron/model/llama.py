@@ -27,10 +27,13 @@ class EmbeddingPipe(Embedding):
         if not self.cfg.document_aware:
             return hidden
         eod = self.cfg.eod_token_id
-        if eod is None or not 0 <= eod < self.cfg.vocab_size:
-            raise ValueError(f"reset_position_ids / reset_attention_mask find documents by the EOD token, but "
-                             f"eod_token_id is {eod} (vocabulary {self.cfg.vocab_size}): pass the tokenizer's EOD "
-                             f"id to LlamaConfig.from_neox")
+        if eod is None:
+            raise ValueError("reset_position_ids / reset_attention_mask find documents by the EOD token, but "
+                             "eod_token_id is unset: pass the tokenizer's EOD id to LlamaConfig.from_neox")
+        if not 0 <= eod < self.cfg.vocab_size:
+            raise ValueError(f"reset_position_ids / reset_attention_mask: the tokenizer's EOD id {eod} is outside "
+                             f"the model's vocabulary of {self.cfg.vocab_size} tokens, so no document boundary "
+                             f"could be seen: use a tokenizer whose EOD fits, or a larger vocab_size")
         return hidden, doc_mask.document_ids(tokens, eod)
 
 
