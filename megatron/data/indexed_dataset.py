@@ -257,7 +257,7 @@ class IndexedDataset:
     def _validate_index(self, path: str, n: int) -> None:
         # Vectorised checks: O(N) but only a few ms for millions of sequences.
         docs = self._doc_indices
-        if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or np.any(np.diff(docs) < 0):
+        if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or bool((docs[1:] < docs[:-1]).any()):
             first, last = (int(docs[0]), int(docs[-1])) if len(docs) else (None, None)
             raise CorruptDatasetError(
                 f"{path}: inconsistent document index (must rise from 0 to {n} sequences; "
@@ -265,10 +265,13 @@ class IndexedDataset:
             )
         if n == 0:
             return
-        if np.any(self._lengths < 0):
+        if int(self._lengths.min()) < 0:
             raise CorruptDatasetError(f"{path}: negative sequence length")
-        expected = np.zeros(n, dtype=np.int64)
-        np.cumsum(self._lengths[:-1].astype(np.int64) * self._dtype.itemsize, out=expected[1:])
+        # In place, without temporaries: this runs on every open (a warm start of training included).
+        expected = np.empty(n, dtype=np.int64)
+        expected[0] = 0
+        np.cumsum(self._lengths[:-1], dtype=np.int64, out=expected[1:])
+        expected *= self._dtype.itemsize
         if not np.array_equal(expected, self._pointers):
             bad = int(np.argmax(expected != self._pointers))
             raise CorruptDatasetError(
