@@ -40,29 +40,32 @@ def make_corpus(prefix: str, tokens: int, mean_doc: int, seed: int = 0) -> int:
     return len(lengths)
 
 
-REPEATS = 3
+REPEATS = 5
 
 
-def timed(build, cache_root: str) -> tuple[float, float]:
-    """Best of REPEATS (cold build into a fresh cache directory, then a warm load from it)."""
-    cold, warm = [], []
+def timed(builds: dict, cache_root: str) -> dict[str, tuple[float, float]]:
+    """Best of REPEATS for each implementation (cold build into a fresh cache directory, then a warm load from
+    it), the implementations interleaved so that drift of a shared machine favours neither."""
+    cold: dict[str, list[float]] = {name: [] for name in builds}
+    warm: dict[str, list[float]] = {name: [] for name in builds}
     for i in range(REPEATS):
-        cache = os.path.join(cache_root, str(i))
-        for times in (cold, warm):
-            start = time.perf_counter()
-            build(cache)
-            times.append(time.perf_counter() - start)
-    return min(cold), min(warm)
+        for k, (name, build) in enumerate(builds.items()):
+            cache = os.path.join(cache_root, f"{k}_{i}")
+            for times in (cold, warm):
+                start = time.perf_counter()
+                build(cache)
+                times[name].append(time.perf_counter() - start)
+    return {name: (min(cold[name]), min(warm[name])) for name in builds}
 
 
-def ours(prefix: str, num_samples: int, seq_length: int, cache: str) -> tuple[float, float]:
+def ours(prefix: str, num_samples: int, seq_length: int):
     def build(cache_dir: str) -> None:
         GPTDataset(IndexedDataset(prefix), "train", num_samples, seq_length, seed=1234, cache_dir=cache_dir)
 
-    return timed(build, cache)
+    return build
 
 
-def megatron_core(prefix: str, num_docs: int, num_samples: int, seq_length: int, cache: str) -> tuple[float, float]:
+def megatron_core(prefix: str, num_docs: int, num_samples: int, seq_length: int):
     from megatron.core.datasets.gpt_dataset import GPTDataset as MCoreGPTDataset
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import IndexedDataset as MCoreIndexedDataset
@@ -81,7 +84,7 @@ def megatron_core(prefix: str, num_docs: int, num_samples: int, seq_length: int,
         MCoreGPTDataset(MCoreIndexedDataset(prefix), prefix, np.arange(num_docs, dtype=np.int32), num_samples,
                         Split.train, config)
 
-    return timed(build, cache)
+    return build
 
 
 def main() -> None:
@@ -100,21 +103,20 @@ def main() -> None:
         num_docs = make_corpus(prefix, int(args.tokens), args.mean_doc_tokens)
         num_tokens = IndexedDataset(prefix).num_tokens
         num_samples = int(args.epochs * num_tokens / args.seq_length)
-        results = {
-            "megatron.data.gpt_dataset.GPTDataset (numpy)": ours(
-                prefix, num_samples, args.seq_length, os.path.join(tmp, "ours")),
-            "megatron.core GPTDataset (C++ helpers)": megatron_core(
-                prefix, num_docs, num_samples, args.seq_length, os.path.join(tmp, "mcore")),
-        }
+        results = timed({
+            "megatron.data.gpt_dataset.GPTDataset (numpy + mcore build_sample_idx)": ours(
+                prefix, num_samples, args.seq_length),
+            "megatron.core GPTDataset (C++ helpers)": megatron_core(prefix, num_docs, num_samples, args.seq_length),
+        }, os.path.join(tmp, "caches"))
     table = [
         f"Corpus: {num_tokens / 1e6:,.0f}M tokens in {num_docs:,} documents; {num_samples:,} samples of "
         f"{args.seq_length} tokens ({args.epochs:g} epochs).",
         "",
-        f"Best of {REPEATS} runs each.",
+        f"Best of {REPEATS} runs each, the implementations interleaved.",
         "",
         "| implementation | cold build + cache (s) | warm load from cache (s) |",
         "|---|---:|---:|",
-    ] + [f"| {name} | {cold:.2f} | {warm:.3f} |" for name, (cold, warm) in results.items()]
+    ] + [f"| {name} | {cold:.3f} | {warm:.3f} |" for name, (cold, warm) in results.items()]
     print("\n".join(table))
     if not args.no_report:
         append_report("GPT sample-index build (benchmarks/bench_index_build.py)", table)

@@ -42,6 +42,10 @@ _ARRAYS = ("doc_order", "sample_index", "shuffle_index")
 def document_token_ranges(indexed: IndexedDataset) -> tuple[np.ndarray, np.ndarray]:
     """Start (in tokens, into the flat .bin) and length of every document. Sequences of a document are
     contiguous in .bin, so a document is one token range."""
+    docs = indexed.document_indices
+    if len(docs) == len(indexed) + 1 and np.array_equal(docs, np.arange(len(docs))):
+        # One sequence per document (what preprocess_data.py writes): the validated byte pointers give the starts.
+        return indexed.sequence_pointers // indexed.dtype.itemsize, indexed.sequence_lengths.astype(np.int64)
     seq_starts = np.zeros(len(indexed) + 1, dtype=np.int64)
     np.cumsum(indexed.sequence_lengths, dtype=np.int64, out=seq_starts[1:])
     bounds = seq_starts[indexed.document_indices]
