@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,26 +83,42 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
     return out
 
 
-def _straight_and_resumed(tmp: Path, data: dict, layout, resume_layout=None) -> tuple[dict, dict, str]:
-    _ok(_deepy(_config(tmp / "straight", data, layout)))
-    out = _ok(_deepy(_config(tmp / "resumed", data, resume_layout or layout, load=str(tmp / "straight" / "ckpt"),
-                             load_iteration=4)))
-    return _losses(tmp / "straight"), _losses(tmp / "resumed"), out
+@pytest.fixture(scope="module")
+def straight_112(tmp_path_factory, data) -> Path:
+    """An uninterrupted 8-step run at (1,1,2) saving every 2 steps: the reference of several tests (saving does not
+    change the losses)."""
+    run = tmp_path_factory.mktemp("straight_112")
+    _ok(_deepy(_config(run, data, (1, 1, 2))))
+    return run
+
+
+@pytest.fixture(scope="module")
+def small_1rank(tmp_path_factory, data) -> Path:
+    """A 4-step one-rank run saving at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("small_1rank")
+    _ok(_deepy(_config(run, data, (1, 1, 1), train_iters=4)))
+    return run
 
 
 @pytest.mark.parametrize("layout", [(1, 1, 2), (2, 2, 2)], ids=["tp1-pp1-dp2", "tp2-pp2-dp2"])
-def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, data, layout):
-    straight, resumed, out = _straight_and_resumed(tmp_path, data, layout)
+def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, data, layout, request):
+    if layout == (1, 1, 2):
+        src = request.getfixturevalue("straight_112")
+    else:
+        src = tmp_path / "straight"
+        _ok(_deepy(_config(src, data, layout)))
+    out = _ok(_deepy(_config(tmp_path / "resumed", data, layout, load=str(src / "ckpt"), load_iteration=4)))
+    straight, resumed = _losses(src), _losses(tmp_path / "resumed")
     assert "loaded" in out and "step 4" in out
     assert sorted(resumed) == [5, 6, 7, 8]
     assert [resumed[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]  # bitwise, not approx
 
-    meta = json.loads((tmp_path / "straight" / "ckpt" / "global_step4" / "neox_meta.json").read_text())
+    meta = json.loads((src / "ckpt" / "global_step4" / "neox_meta.json").read_text())
     assert meta["iteration"] == 4 and meta["consumed_samples"] == 32 and meta["tokens_seen"] == 32 * 32
     assert meta["layout"] == dict(zip(("tp", "pp", "dp"), layout)) and meta["has_optimizer"]
     assert {"torch", "deepspeed", "megatron-core", "python"} <= set(meta["versions"])
     world = layout[0] * layout[1] * layout[2]
-    assert len(list((tmp_path / "straight" / "ckpt" / "global_step4").glob("rng_state_*.pt"))) == world
+    assert len(list((src / "ckpt" / "global_step4").glob("rng_state_*.pt"))) == world
 
 
 @pytest.mark.parametrize("target", [(1, 1, 2), (1, 2, 2)], ids=["to-tp1-pp1-dp2", "to-tp1-pp2-dp2"])
@@ -139,9 +156,8 @@ def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
     raise AssertionError(f"never saw {needle!r}:\n" + "".join(seen)[-4000:])
 
 
-def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, data):
+def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, data, straight_112):
     layout = (1, 1, 2)
-    _ok(_deepy(_config(tmp_path / "straight", data, layout)))
     run = tmp_path / "killed"
     proc = _spawn(_config(run, data, layout), NEOX_FAULT_PAUSE_IN_SAVE="6:120")
     _wait_for(proc, "pausing")  # rank 0 sits inside the save of step 6: every file written, marker not yet
@@ -153,13 +169,12 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, data):
     (run / "run" / "metrics.jsonl").unlink()
     out = _ok(_deepy(_config(run, data, layout, load=str(run / "ckpt"))))
     assert "skipping incomplete checkpoint" in out and "global_step4" in out
-    straight, resumed = _losses(tmp_path / "straight"), _losses(run)
+    straight, resumed = _losses(straight_112), _losses(run)
     assert sorted(resumed) == [5, 6, 7, 8] and [resumed[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]
 
 
-def test_sigterm_saves_exits_zero_and_resume_continues_exactly(tmp_path, data):
+def test_sigterm_saves_exits_zero_and_resume_continues_exactly(tmp_path, data, straight_112):
     layout = (1, 1, 2)
-    _ok(_deepy(_config(tmp_path / "straight", data, layout, checkpoint_factor=None)))
     run = tmp_path / "interrupted"
     proc = _spawn(_config(run, data, layout, checkpoint_factor=None), NEOX_FAULT_STEP_SLEEP="1.0")
     _wait_for(proc, "step      2/")
@@ -172,7 +187,7 @@ def test_sigterm_saves_exits_zero_and_resume_continues_exactly(tmp_path, data):
 
     (run / "run" / "metrics.jsonl").unlink()
     _ok(_deepy(_config(run, data, layout, checkpoint_factor=None, load=str(run / "ckpt"))))
-    straight, resumed = _losses(tmp_path / "straight"), _losses(run)
+    straight, resumed = _losses(straight_112), _losses(run)
     assert sorted(resumed) == list(range(stopped + 1, STEPS + 1))
     assert [resumed[s] for s in resumed] == [straight[s] for s in resumed]
 
@@ -193,42 +208,40 @@ def test_nan_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path, dat
     assert meta["iteration"] == 8 and meta["skipped_steps"] == 4  # DeepSpeed skipped all four updates
 
 
-def test_loading_a_checkpoint_of_another_shape_names_both_shapes(tmp_path, data):
-    _ok(_deepy(_config(tmp_path / "small", data, (1, 1, 1), train_iters=2)))
+def test_loading_a_checkpoint_of_another_shape_names_both_shapes(tmp_path, data, small_1rank):
     proc = _deepy(_config(tmp_path / "wide", data, (1, 1, 1), hidden_size=128, num_attention_heads=4,
-                          load=str(tmp_path / "small" / "ckpt")))
+                          load=str(small_1rank / "ckpt")))
     assert proc.returncode == 2
     err = proc.stderr
     assert "hidden_size=64" in err and "hidden_size=128" in err and "different: hidden_size" in err
     assert "Traceback" not in err
 
 
-def test_inspect_checkpoint_reports_layout_progress_and_config_diff(tmp_path, data, capsys):
+def test_inspect_checkpoint_reports_layout_progress_and_config_diff(tmp_path, data, small_1rank, capsys):
     sys.path.insert(0, str(ROOT / "tools" / "ckpts"))
     import inspect_checkpoint
 
-    _ok(_deepy(_config(tmp_path / "run", data, (1, 1, 1), train_iters=2)))
-    root = tmp_path / "run" / "ckpt"
-    (root / "global_step3").mkdir()  # a save that was interrupted: files but no marker
-    (root / "global_step3" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
-    other = _config(tmp_path / "other", data, (1, 1, 1), train_iters=2, hidden_size=128)
+    root = tmp_path / "ckpt"
+    shutil.copytree(small_1rank / "ckpt", root)
+    (root / "global_step5").mkdir()  # a save that was interrupted: files but no marker
+    (root / "global_step5" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    other = _config(tmp_path / "other", data, (1, 1, 1), train_iters=4, hidden_size=128)
     assert inspect_checkpoint.main([str(root), "--config", str(other)]) == 0
     out = capsys.readouterr().out
-    assert "global_step2" in out and "global_step3" in out and "INCOMPLETE" in out
-    assert "latest -> global_step2" in out and "\nglobal_step2 (saved" in out
-    assert "TP 1 x PP 1 x DP 1 = 1 ranks" in out and "iteration       2" in out
-    assert "samples         16  (512 tokens seen)" in out
+    assert "global_step4" in out and "global_step5" in out and "INCOMPLETE" in out
+    assert "latest -> global_step4" in out and "\nglobal_step4 (saved" in out
+    assert "TP 1 x PP 1 x DP 1 = 1 ranks" in out and "iteration       4" in out
+    assert "samples         32  (1,024 tokens seen)" in out
     assert "hidden_size: 64 -> 128" in out and "torch" in out
     assert inspect_checkpoint.main([str(tmp_path / "other")]) == 2  # no checkpoint there
 
 
-def test_finetune_override_lr_scheduler_and_exit_interval(tmp_path, data):
+def test_finetune_override_lr_scheduler_and_exit_interval(tmp_path, data, small_1rank):
     from megatron.config.loader import load_config
     from megatron.optim import lr_at
 
     one = (1, 1, 1)
-    _ok(_deepy(_config(tmp_path / "base", data, one, train_iters=4)))
-    ckpt = str(tmp_path / "base" / "ckpt")
+    ckpt = str(small_1rank / "ckpt")
 
     # A changed schedule on resume is refused, naming the keys, unless override_lr_scheduler says so.
     changed = dict(train_iters=8, optimizer={"type": "Adam", "params": {"lr": 1.0e-3}})
@@ -254,6 +267,6 @@ def test_finetune_override_lr_scheduler_and_exit_interval(tmp_path, data):
     records = [json.loads(line) for line in (tmp_path / "sft" / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "train/loss" in r]
     base = {r["step"]: r["train/loss"] for r in (json.loads(x) for x in
-            (tmp_path / "base" / "run" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r}
+            (small_1rank / "run" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r}
     first = next(r["train/loss"] for r in records if "train/loss" in r)
     assert steps == [1, 2] and first < base[1]  # it starts from the trained weights, not from scratch
