@@ -84,6 +84,7 @@ class ParallelLayout:
                 tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp
             )
         self.check_all_ranks_agree(verbose)
+        _release_cpu_shm_buffer(self.rank)
         self._create_kv_groups(num_kv_heads)
         # Dropout inside TP regions must differ across TP ranks and agree across DP ranks: megatron-core's tracker.
         if torch.cuda.is_available():
@@ -180,6 +181,21 @@ class ParallelLayout:
 def kv_group():
     """This rank's group of TP ranks sharing a kv head, or None when kv heads are not shared."""
     return _GROUPS.get("kv")
+
+
+def _release_cpu_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU backend maps a 66 MiB /dev/shm buffer per rank for its inference all-reduce (training never
+    uses it) and never removes it, so every CPU run would leave them behind until /dev/shm has eaten the RAM. By now
+    every rank has mapped its peers' buffers (the all-gather above ran after DeepSpeed's init on every rank), so the
+    name can go: the memory is released when the processes exit, even when they are killed."""
+    if torch.cuda.is_available():
+        return
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(name)
+    except OSError:  # not created (a single rank, or DeepSpeed built without the op)
+        pass
 
 
 def single_process_layout(backend: str = "gloo", seed: int = 1234, port: Optional[int] = None) -> ParallelLayout:
