@@ -114,7 +114,21 @@ def run_peer(shape: str, steps: int) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return {"who": "hf", "shape": shape, "variant": "sdpa", "error": (proc.stdout + proc.stderr)[-3000:]}
-    return {"who": "hf", "shape": shape, "variant": "sdpa", **json.loads(proc.stdout.strip().splitlines()[-1])}
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    tflops = measured["tokens_per_s"] * shape_flops_per_token(shape) / 1e12
+    return {"who": "hf", "shape": shape, "variant": "sdpa", "tflops": tflops, **measured}
+
+
+def shape_flops_per_token(shape: str) -> float:
+    """The trainer's FLOPs convention (megatron/metrics.py), applied to the peer too."""
+    from megatron.metrics import flops_per_token
+    from megatron.model.config import LlamaConfig
+
+    s = SHAPES[shape]
+    cfg = LlamaConfig(num_layers=s["num_layers"], hidden_size=s["hidden_size"],
+                      num_attention_heads=s["num_attention_heads"], num_kv_heads=s["num_kv_heads"],
+                      intermediate_size=s["intermediate_size"], vocab_size=128256, padded_vocab_size=128256)
+    return flops_per_token(cfg, COMMON["seq_length"])
 
 
 def table(rows: list[dict], peak: float) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -134,7 +133,3 @@ def format_step(step: int, total: int, m: dict) -> str:
         f" | lr {m['lr']:.3e} | grad norm {m['grad_norm']:.3f} | "
         f"{m['tokens_per_s']:,.0f} tok/s | {m['tflops_per_gpu']:.2f} TFLOP/s/GPU | mem {m['peak_mem_gib']:.2f} GiB"
     )
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

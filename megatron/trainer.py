@@ -30,10 +30,6 @@ from megatron.parallel.layout import ParallelLayout
 from megatron.profiling import StepProfiler, install_forward_timer, phase_times_ms
 
 
-def default_run_dir(cfg: NeoXConfig, name: str = "run") -> str:
-    return cfg.run_dir or os.path.join("runs", name)
-
-
 def _lm_batches(loader, eod_mask_id: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (inputs, labels) pairs in the form DeepSpeed's pipeline engine consumes.
 
@@ -310,8 +306,3 @@ class Trainer:
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; train.py turns it into exit code 3."""
-
-
-def run(cfg: NeoXConfig, run_dir: Optional[str] = None) -> dict:
-    trainer = Trainer(cfg, run_dir or default_run_dir(cfg))
-    return trainer.fit()

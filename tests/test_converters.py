@@ -29,11 +29,10 @@ from megatron.checkpoint.convert import hf_to_neox, neox_to_hf  # noqa: E402
 from megatron.checkpoint.hf_config import ConversionError  # noqa: E402
 from megatron.checkpoint.safetensors_stream import INDEX_NAME  # noqa: E402
 from megatron.data.indexed_dataset import IndexedDatasetWriter  # noqa: E402
+from hf_reference import ROPE, tiny_hf_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 250  # pads to 256 rows at TP 1/2 and 512 at TP 4 (make_vocab_size_divisible_by 128)
-ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32}
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]  # TP 4 > 2 kv heads: each kv head shared by 2 ranks
 TRAIN_STEPS = 3
 QUIET = dict(progress=False, log=lambda msg: None)
@@ -47,20 +46,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def tiny_hf(vocab: int = VOCAB, layers: int = 3, seed: int = 0, tie: bool = False, **extra):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0, rope_scaling=dict(ROPE),
-        rms_norm_eps=1e-5, tie_word_embeddings=tie, attention_bias=False, mlp_bias=False, **extra)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1: perturb them so a norm mix-up cannot hide
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def read_safetensors_dir(path: Path) -> dict:
@@ -92,7 +77,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_source(work):
-    model = tiny_hf()
+    model = tiny_hf_llama(VOCAB)
     path = work / "hf"
     model.save_pretrained(str(path), max_shard_size="150KB")  # several shards and an index, as real checkpoints
     assert len(list(path.glob("*.safetensors"))) > 2
@@ -236,7 +221,7 @@ def test_round_trip_gives_bit_identical_tensors_and_config(work, hf_source, conv
 
 
 def test_round_trip_bf16_keeps_dtype_and_tied_source_is_untied(work):
-    model = tiny_hf(layers=2, seed=3, tie=True).to(torch.bfloat16)
+    model = tiny_hf_llama(VOCAB, layers=2, seed=3, tie=True).to(torch.bfloat16)
     src = work / "hf_bf16_tied"
     model.save_pretrained(str(src))
     ckpt = hf_to_neox(src, work / "neox_bf16_tied", 2, 1, **QUIET).parent
@@ -305,7 +290,7 @@ print(json.dumps({
 def test_export_with_llama3_vocab_loads_offline_in_a_clean_transformers_process(work):
     """Both CLIs, then a fresh `python -I` (no repo on the path, offline) loads model and tokenizer and generates."""
     src = work / "hf_llama3_vocab"
-    tiny_hf(vocab=hf_config.LLAMA3_VOCAB_SIZE, layers=2, seed=5, bos_token_id=128000,
+    tiny_hf_llama(vocab=hf_config.LLAMA3_VOCAB_SIZE, layers=2, seed=5, bos_token_id=128000,
             eos_token_id=128001).to(torch.bfloat16).save_pretrained(str(src))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     neox, hf = work / "neox_llama3_vocab", work / "hf_export_llama3_vocab"

@@ -12,24 +12,7 @@ from megatron.checkpoint.hf_keys import hf_to_pipe_state, pipe_to_hf_state  # no
 from megatron.model.config import LlamaConfig  # noqa: E402
 from megatron.model.llama import build_model  # noqa: E402
 
-ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32}
-
-
-def tiny_hf_model(seed: int = 0):
-    torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0, rope_scaling=dict(ROPE),
-        rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-        torch_dtype=torch.float32,
-    )
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1: perturb them so a norm mix-up cannot hide
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+from hf_reference import ROPE, tiny_hf_llama  # noqa: E402
 
 
 def _rope_theta(hf_cfg) -> float:
@@ -48,7 +31,7 @@ def our_config(hf_cfg) -> LlamaConfig:
 
 
 def test_logits_match_hf(single_rank):
-    hf = tiny_hf_model()
+    hf = tiny_hf_llama(torch_dtype=torch.float32)
     cfg = our_config(hf.config)
     ours = build_model(cfg, single_rank).eval()
     hf_sd = hf.state_dict()
@@ -78,7 +61,7 @@ def test_llama3_scaling_differs_from_plain_rope():
 
 def test_hf_round_trip_through_pipe_state_at_tp(single_rank):
     """Sharding then unsharding (TP 1, 2, 4 with kv replication at 4) gives back HF's exact tensors."""
-    hf = tiny_hf_model()
+    hf = tiny_hf_llama(torch_dtype=torch.float32)
     cfg = our_config(hf.config)
     sd = hf.state_dict()
     specs = range(cfg.num_layers + 3)

@@ -23,9 +23,6 @@ import torch
 from megatron.checkpoint import hf_keys, metadata
 from megatron.model.config import LlamaConfig
 
-KINDS = ("weight", "fp32", "exp_avg", "exp_avg_sq")
-
-
 def _load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 import pytest
-from data_helpers import random_docs, write_dataset
+from data_helpers import random_docs, run_two_gloo_ranks, write_dataset
 
 from megatron.data import gpt_dataset
 from megatron.data.gpt_dataset import GPTDataset
@@ -172,21 +172,9 @@ def _rank_main(rank: int, port: int, prefix: str, cache: str, out: str) -> None:
 
 @pytest.mark.distributed
 def test_rank_zero_builds_others_wait(tmp_path):
-    import multiprocessing
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     prefix = write_dataset(str(tmp_path / "d"), random_docs(30, seed=9))
     out = str(tmp_path / "samples")
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(r, port, prefix, str(tmp_path / "c"), out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_two_gloo_ranks(_rank_main, prefix, str(tmp_path / "c"), out)
     assert np.array_equal(np.load(out + "_0.npy"), np.load(out + "_1.npy"))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from data_helpers import run_two_gloo_ranks
 
 from megatron.config import build_config
 from megatron.data import replay as replay_mod
@@ -372,19 +373,7 @@ def _rank_main(rank, port, paths, cache, out):
 
 @pytest.mark.distributed
 def test_rank_zero_builds_the_plan_others_wait(corpora, tmp_path):
-    import multiprocessing
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "samples")
     paths = [corpora["a"].prefix, corpora["pool"].prefix]
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(r, port, paths, str(tmp_path / "c"), out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_two_gloo_ranks(_rank_main, paths, str(tmp_path / "c"), out)
     assert np.array_equal(np.load(out + "_0.npy"), np.load(out + "_1.npy"))
