@@ -19,18 +19,23 @@ def random_docs(n: int, seed: int = 0, max_len: int = 60, vocab: int = 1000) -> 
 
 
 def run_two_gloo_ranks(target, *args, timeout: float = 60) -> None:
-    """Fork 2 ranks running target(rank, port, *args) in one gloo world; both must exit 0. Forked, so the ranks
-    skip the ~8 s of imports a fresh interpreter would pay."""
+    """Start 2 ranks running target(rank, port, *args) in one gloo world; both must exit 0. Forked when possible,
+    so the ranks skip the ~8 s of imports a fresh interpreter would pay."""
     import multiprocessing
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
+    import torch.distributed as dist
+
+    # A forked child would inherit a world this process already joined (another test's one-rank world) and could
+    # not leave it; then pay for a fresh interpreter instead.
+    ctx = multiprocessing.get_context("spawn" if dist.is_initialized() else "fork")
     procs = [ctx.Process(target=target, args=(rank, port, *args)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout)
     assert [p.exitcode for p in procs] == [0, 0]
+
