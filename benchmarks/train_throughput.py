@@ -9,7 +9,8 @@ measured in the same run; MFU is against it. FLOPs per token: 6·N_matmul + 12·
     python benchmarks/train_throughput.py --shapes 8b-4l,1b --variants eager,fast [--steps 8] [--report]
 
 Variants switch the kernel keys (configs/README.md, "KernelArgs"): `eager` = flash SDPA, unfused pointwise ops;
-`fast` = the defaults (cuDNN SDPA on Hopper, torch.compile'd RMSNorm/RoPE/SwiGLU). Prints a table; --report
+`fast` = the defaults (cuDNN SDPA on Hopper, torch.compile'd RMSNorm/RoPE/SwiGLU); `fast-fusedgrad` = fast plus
+gradient_accumulation_fusion. Prints a table; --report
 appends it to docs/performance.md; --json writes the records (with peak memory, for tools/plan.py's validation).
 """
 
@@ -40,6 +41,8 @@ NEEDS_CHECKPOINTING = {"8b-8l", "3b"}
 VARIANTS = {
     "eager": {"attention_backend": "flash", "fuse_pointwise": False},
     "fast": {"attention_backend": "auto", "fuse_pointwise": True},
+    # + weight-gradient GEMMs accumulating into DeepSpeed's fp32 buffer (megatron/grad_accum_fusion.py)
+    "fast-fusedgrad": {"attention_backend": "auto", "fuse_pointwise": True, "gradient_accumulation_fusion": True},
 }
 COMMON = dict(seq_length=8192, max_position_embeddings=131072, rotary_emb_base=500000.0,
               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

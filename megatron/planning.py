@@ -241,6 +241,12 @@ class Precision:
     zero_stage: int
     fused: bool = False  # fuse_pointwise: torch.compile'd RMSNorm/RoPE/SwiGLU (GPU only)
     attention: str = "auto"  # attention_backend
+    fused_grads: bool = False  # gradient_accumulation_fusion: matrices' gradients go straight into the fp32 buffer
+
+    @property
+    def grads_fused(self) -> bool:
+        """Whether the fusion applies (only BF16_Optimizer's fp32 buffer takes it; the trainer ignores it else)."""
+        return self.fused_grads and self.name == "bf16" and self.grad_accum == "fp32"
 
     @property
     def act_bytes(self) -> int:
@@ -277,7 +283,8 @@ def precision_of(cfg: NeoXConfig) -> Precision:
     # getattr: the kernel keys are newer than this module's first version; without them the layers are unfused.
     return Precision(name, cfg.data_types.grad_accum_dtype, cfg.zero_optimization.stage,
                      fused=bool(getattr(cfg, "fuse_pointwise", False)),
-                     attention=str(getattr(cfg, "attention_backend", "auto")))
+                     attention=str(getattr(cfg, "attention_backend", "auto")),
+                     fused_grads=bool(getattr(cfg, "gradient_accumulation_fusion", False)))
 
 
 def layer_activation_bytes(shape: Shape, tp: int, micro: int, act: int, fused: bool = False,
@@ -310,15 +317,17 @@ def layer_activation_bytes(shape: Shape, tp: int, micro: int, act: int, fused: b
     return 2 * norm + attn + mlp
 
 
-def backward_working_bytes(shape: Shape, tp: int, micro: int, act: int) -> int:
+def backward_working_bytes(shape: Shape, tp: int, micro: int, act: int, fused_grads: bool = False) -> int:
     """Gradients alive at once inside one layer's backward: the gate/up gradient being assembled (2f/TP wide), the
     gradient of the layer output and of the residual branch, and one bf16 weight gradient before it is added into
-    param.grad (the fused gate/up weight is the largest)."""
+    param.grad (the fused gate/up weight is the largest; none with gradient_accumulation_fusion)."""
     s = micro * shape.seq
-    return act * s * (2 * shape.ffn // tp + 2 * shape.hidden) + act * 2 * shape.ffn * shape.hidden // tp
+    weight_grad = 0 if fused_grads else act * 2 * shape.ffn * shape.hidden // tp
+    return act * s * (2 * shape.ffn // tp + 2 * shape.hidden) + weight_grad
 
 
-def loss_peak_bytes(shape: Shape, tp: int, micro: int, act: int, fused: bool = False) -> int:
+def loss_peak_bytes(shape: Shape, tp: int, micro: int, act: int, fused: bool = False,
+                    fused_grads: bool = False) -> int:
     """The last stage around the loss (causal_lm_loss; this rank's V/TP slice of the logits). Throughout, the
     logits stay in DeepSpeed's pipe_buffers['outputs'] until the backward is done; the worst moment is one of:
     - TP > 1, megatron-core's vocab-parallel cross-entropy: its softmax is computed in place in the fp32 copy the
@@ -327,9 +336,10 @@ def loss_peak_bytes(shape: Shape, tp: int, micro: int, act: int, fused: bool = F
     - TP 1, kernels.cross_entropy: compiled (fuse_pointwise), it reads the logits and writes their gradient, so no
       fp32 logits exist; eager, its backward holds the fp32 logits, exp(x - lse), the one-hot mask (1 byte), its
       float copy and their difference at once: 17 bytes per logit besides the logits (13 in fp32);
-    - then the output layer's backward: the logits, their gradient and its bf16 weight gradient."""
+    - then the output layer's backward: the logits, their gradient and its bf16 weight gradient (none with
+      gradient_accumulation_fusion: it goes into the fp32 buffer)."""
     logits = micro * shape.seq * shape.padded_vocab(tp) // tp
-    weight = shape.padded_vocab(tp) * shape.hidden // tp
+    weight = 0 if fused_grads else shape.padded_vocab(tp) * shape.hidden // tp
     output_backward = 2 * act * logits + act * weight
     if tp > 1:
         return max(8 * logits, output_backward)
@@ -466,7 +476,8 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
     sbh = b * shape.seq * shape.hidden
     vp = shape.padded_vocab(tp)
     a_layer = layer_activation_bytes(shape, tp, b, act, precision.fused, precision.attention)
-    work = backward_working_bytes(shape, tp, b, act)
+    fused_grads = precision.grads_fused
+    work = backward_working_bytes(shape, tp, b, act, fused_grads)
     # DeepSpeed's pipeline config defaults pipe_partitioned/grad_partitioned to true: with TP > 1 a stage keeps
     # only its TP slice of the output it sent (engine._exec_forward_pass).
     pipe_partitioned = tp > 1
@@ -478,6 +489,11 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         per = {k: v * params / (dp if k.endswith("/dp") else 1) for k, v in per_param.items()}
         weights = per.get("weights", 0.0)
         grads = per.get("grads", 0.0) + per.get("grads/dp", 0.0)
+        # Fused, the layers' matrices and the output layer never get a bf16 param.grad: only the fp32 buffer.
+        vectors = 2 * shape.hidden * items.count("layer") + shape.hidden * items.count("final_norm")
+        unfused = (local["embedding"] if "embedding" in items else 0) + vectors
+        if fused_grads:
+            grads -= 2 * (params - unfused)
         master = per.get("master/dp", 0.0)
         adam = per.get("adam/dp", 0.0) + per.get("adam", 0.0)
         first, last = i == 0, i == pp - 1
@@ -514,7 +530,7 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         # in flight; on the last stage first the loss; on the first stage the embedding's weight gradient.
         current = work + (layout.checkpoint_layers * a_layer if layout.checkpoint else 0)
         phase = "backward of a layer" + (" (recomputed)" if layout.checkpoint else "")
-        loss = loss_peak_bytes(shape, tp, b, act, precision.fused)
+        loss = loss_peak_bytes(shape, tp, b, act, precision.fused, fused_grads)
         if last and loss > current:
             current, phase = loss, "loss backward (logits)"
         if first:
@@ -525,7 +541,7 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         # After the last backward: DeepSpeed all-reduces the fp32 gradients over DP in buckets cast to bf16
         # (communication_data_type); one bucket holds the whole matrix group when it exceeds ALLREDUCE_BUCKET
         # elements, otherwise both parameter groups are first concatenated (an fp32 copy) and then cast.
-        matrices = params - (2 * shape.hidden * items.count("layer") + shape.hidden * items.count("final_norm"))
+        matrices = params - vectors
         if precision.name == "bf16" and precision.grad_accum == "fp32":
             reduce = 2 * matrices if matrices > ALLREDUCE_BUCKET else 6 * params
         else:
@@ -535,6 +551,8 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         # at a time through an fp32 copy (BF16_Optimizer._update_hp_grad), while the other in-flight micro-batches
         # still hold their activations.
         largest = max(local[it] if it != "layer" else 2 * shape.ffn * shape.hidden // tp for it in items)
+        if fused_grads:  # only the unfused parameters (embedding, norms) take that path
+            largest = max([local["embedding"]] if "embedding" in items else [shape.hidden])
         accumulate_peak = states + (in_flight - 1) * per_mb + held + 4 * largest
         peak, peak_phase = max((backward_peak, phase), (reduce_peak, "gradient all-reduce"),
                                (accumulate_peak, "fp32 gradient accumulation"))
@@ -794,7 +812,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
         f"  GPUs        {lay.gpus:,} x {gpu.name} ({gpu.memory_gib:.0f} GiB, {gpu.peak_tflops:g} bf16 TFLOP/s peak)",
         f"  layout      {lay.describe()}",
         f"  batch       global {lay.global_batch:,} sequences = {plan.tokens_per_step:,} tokens per step",
-        f"  precision   {plan.precision.name}, gradient accumulation in {plan.precision.grad_accum}, "
+        f"  precision   {plan.precision.name}, gradient accumulation in {plan.precision.grad_accum}"
+        f"{' (fused into the weight-gradient GEMMs)' if plan.precision.grads_fused else ''}, "
         f"ZeRO stage {plan.precision.zero_stage}: {plan.optimizer_name}",
         "",
         "Memory per GPU (GiB), by pipeline stage; activations are what the stage's in-flight micro-batches keep",
@@ -809,7 +828,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
             f"{_gib(st.device):>6}")
     w = plan.worst
     lines += [
-        "  grads = bf16 param.grad + fp32 accumulation buffer (whole local model); master and Adam are this rank's",
+        "  grads = bf16 param.grad + fp32 accumulation buffer (whole local model; gradient_accumulation_fusion",
+        "  leaves only the embedding and norms a bf16 param.grad); master and Adam are this rank's",
         "  1/DP slice (ZeRO-1). acts = activations the in-flight micro-batches keep (1F1B: stage i has up to PP-i)",
         "  and DeepSpeed's pipe buffers; no-ckpt / ckpt = the same without / with activation checkpointing.",
         "  work = at the worst moment: a recomputed layer and the gradients in flight, or the loss.",

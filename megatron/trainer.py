@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from megatron import grad_accum_fusion
 from megatron.checkpoint.manager import CheckpointManager
 from megatron.config.deepspeed_config import deepspeed_config
 from megatron.config.schema import NeoXConfig
@@ -73,8 +74,12 @@ class Trainer:
 
         self.precision = cfg.resolved_precision
         self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
+        # Fusing the weight-gradient accumulation needs the fp32 buffer of DeepSpeed's bf16 optimizer.
+        fuse_grads = cfg.gradient_accumulation_fusion and self.precision == "bf16" \
+            and cfg.data_types.grad_accum_dtype == "fp32"
         self.model_cfg = LlamaConfig.from_neox(cfg, cfg.vocab_size or self.tokenizer.vocab_size, torch.float32,
-                                               eod_token_id=self.tokenizer.eod_id)
+                                               eod_token_id=self.tokenizer.eod_id,
+                                               gradient_accumulation_fusion=fuse_grads)
         model = build_model(self.model_cfg, self.layout, cfg.pipe_partition_method)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -82,6 +87,13 @@ class Trainer:
             lr_scheduler=build_scheduler(cfg),
             config=deepspeed_config(cfg, self.layout.dp, self.precision),
         )
+        fusion_note = None
+        if fuse_grads:
+            n = grad_accum_fusion.attach(self.engine.optimizer, grad_accum_fusion.fused_weights(self.engine.module))
+            device = next(self.engine.module.parameters()).device
+            fusion_note = f"gradient accumulation fusion: {n} weights, {grad_accum_fusion.kernel_for(device)[0]}"
+        elif cfg.gradient_accumulation_fusion:
+            fusion_note = f"gradient accumulation fusion: off ({self.precision} run, no fp32 bf16-optimizer buffer)"
         self.iteration = 0
         self.consumed_samples = 0
         self.is_logger = rank == 0
@@ -90,6 +102,8 @@ class Trainer:
             wandb_kwargs={"project": cfg.wandb_project, "group": cfg.wandb_group, "entity": cfg.wandb_team},
             config=cfg.to_yaml_dict(),
         )
+        if fusion_note:
+            self.sinks.print(fusion_note)
         if self.epoch_data is not None:
             for line in self.epoch_data.plan.summary_lines():
                 self.sinks.print(line)

@@ -95,6 +95,7 @@ MALFORMED = [
     ({"profile": True, "profile_step_start": 5, "profile_step_stop": 3}, "profile_step_stop", "before"),
     ({"rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 4096}}, "rope_scaling", "exceeds"),
     ({"fp16": {"enabled": True}}, "fp16", "bf16"),
+    ({"precision": "fp32", "gradient_accumulation_fusion": True}, "gradient_accumulation_fusion", "fp32 buffer"),
     ({"num_nodes": 4}, "num_nodes,hostfile", "hostfile"),
     ({"data_path": "data/y", "train_data_paths": ["data/x"]}, "data_path,train_data_paths", "not both"),
     ({"checkpoint_factor": 10}, "checkpoint_factor,save", "save"),

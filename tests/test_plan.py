@@ -274,3 +274,23 @@ def test_illegal_layouts_are_reported_with_the_configs_own_rules():
     plan = planning.make_plan(cfg, gpus=3 * 8 * 32, gpu="mi250x", layout=layout)
     assert not plan.fits
     assert any("num_attention_heads 64 is not divisible by model_parallel_size 3" in p for p in plan.problems)
+
+
+def test_gradient_accumulation_fusion_drops_the_bf16_grads_of_matrices():
+    """With the fusion the layers' matrices and the output layer have no bf16 param.grad (their gradients go
+    straight into the fp32 buffer, megatron/grad_accum_fusion.py); the embedding and norms keep theirs."""
+    shape = planning.Shape(layers=4, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256,
+                           vocab_multiple=128, seq=8192)
+    layout = planning.Layout(tp=1, pp=1, dp=1, micro=1, gas=8, checkpoint=False)
+    _, _, (plain,) = planning.plan_memory(shape, layout, planning.Precision("bf16", "fp32", 1))
+    _, _, (fused,) = planning.plan_memory(shape, layout, planning.Precision("bf16", "fp32", 1, fused_grads=True))
+    unfused_params = shape.padded_vocab(1) * 4096 + (2 * 4 + 1) * 4096  # embedding + 2 norms per layer + final
+    assert plain.grads - fused.grads == 2 * (plain.params - unfused_params)
+    assert fused.peak < plain.peak
+    # fp32 runs have no fp32 buffer to fuse into: nothing changes.
+    _, _, (fp32,) = planning.plan_memory(shape, layout, planning.Precision("fp32", "fp32", 1))
+    _, _, (fp32_flag,) = planning.plan_memory(shape, layout, planning.Precision("fp32", "fp32", 1, fused_grads=True))
+    assert fp32.peak == fp32_flag.peak
+    cfg = load("llama3.1-8b.yml").config
+    assert not planning.precision_of(cfg).grads_fused
+    assert planning.precision_of(cfg.model_copy(update={"gradient_accumulation_fusion": True})).grads_fused

@@ -98,3 +98,23 @@ def test_flex_document_attention_matches_dense_mask_sdpa():
     out[0][:, second].float().sum().backward()
     assert torch.count_nonzero(k.grad[0][:, : first_end + 1]) == 0 and torch.count_nonzero(v.grad[0][:, ~second]) == 0
     assert torch.count_nonzero(k.grad[0][:, second]) > 0
+
+
+def test_grad_accum_fusion_uses_one_accumulating_gemm():
+    """gradient_accumulation_fusion on CUDA: the probe must pick the single cuBLAS GEMM that adds into the fp32
+    buffer (the others cost an extra pass over the weight); its sums match the fp64 product of the bf16 operands,
+    at a Llama-3.1-8B MLP shape."""
+    from megatron import grad_accum_fusion
+
+    name, fn = grad_accum_fusion.kernel_for(torch.device(DEV))
+    assert fn is grad_accum_fusion._gemm_accumulate_in_place, name
+    torch.manual_seed(0)
+    x = torch.randn(8192, 4096, device=DEV, dtype=torch.bfloat16)
+    g = torch.randn(8192, 14336, device=DEV, dtype=torch.bfloat16)
+    main_grad = torch.randn(14336, 4096, device=DEV)
+    expected = main_grad.double() + 2 * (g.double().t() @ x.double())
+    ptr = main_grad.data_ptr()
+    fn(x, g, main_grad)
+    fn(x, g, main_grad)
+    assert main_grad.data_ptr() == ptr  # accumulated in place: DeepSpeed's buffer, not a copy
+    _close(main_grad, expected, 1e-5)

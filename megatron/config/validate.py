@@ -181,6 +181,13 @@ def _training(cfg: "NeoXConfig") -> list[ConfigIssue]:
         issues.append(ConfigIssue("zero_optimization.stage", "DeepSpeed's bf16 optimizer with fp32 gradient "
                                   "accumulation needs ZeRO stage 1 (it refuses stage 0 at start-up)",
                                   "set zero_optimization: {stage: 1}", 0))
+    explicit_fp32 = cfg.precision == "fp32" or (cfg.precision is None and cfg.bf16 is not None and not cfg.bf16.enabled)
+    if cfg.gradient_accumulation_fusion and (explicit_fp32 or cfg.data_types.grad_accum_dtype != "fp32"):
+        what = "an fp32 run" if explicit_fp32 else "grad_accum_dtype bf16"
+        issues.append(ConfigIssue("gradient_accumulation_fusion", f"fuses weight gradients into the fp32 buffer of "
+                                  f"DeepSpeed's bf16 optimizer, which {what} does not have",
+                                  "set gradient_accumulation_fusion: false, or precision: bf16 with "
+                                  "data_types: {grad_accum_dtype: fp32}", True))
     if cfg.profile and cfg.profile_step_stop < cfg.profile_step_start:
         issues.append(ConfigIssue("profile_step_stop", f"profile_step_stop {cfg.profile_step_stop} is before "
                                   f"profile_step_start {cfg.profile_step_start}",

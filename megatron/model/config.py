@@ -36,6 +36,8 @@ class LlamaConfig:
     partition_activations: bool = False
     attention_backend: str = "auto"
     fuse_pointwise: bool = False
+    # Weight gradients accumulate into `weight.main_grad` (fp32, attached by the trainer) instead of `.grad`.
+    gradient_accumulation_fusion: bool = False
     # Packed samples (doc_mask.py): documents end with the tokenizer's EOD token; with either flag on, document
     # ids travel with the hidden states through the pipeline and positions / attention restart per document.
     eod_token_id: Optional[int] = None
@@ -54,9 +56,11 @@ class LlamaConfig:
 
     @classmethod
     def from_neox(cls, cfg, vocab_size: int, params_dtype: torch.dtype,
-                  eod_token_id: Optional[int] = None) -> "LlamaConfig":
+                  eod_token_id: Optional[int] = None, gradient_accumulation_fusion: bool = False) -> "LlamaConfig":
         """`eod_token_id`: the tokenizer's end-of-document id, needed when reset_position_ids or
-        reset_attention_mask is on (the model finds document boundaries in the tokens by it)."""
+        reset_attention_mask is on (the model finds document boundaries in the tokens by it).
+        `gradient_accumulation_fusion`: only the trainer turns it on, for runs whose optimizer has the fp32
+        buffer the gradients go into (a model built with it cannot run backward until that is attached)."""
         return cls(
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
@@ -83,6 +87,7 @@ class LlamaConfig:
             partition_activations=cfg.partition_activations,
             attention_backend=cfg.attention_backend,
             fuse_pointwise=cfg.fuse_pointwise,
+            gradient_accumulation_fusion=gradient_accumulation_fusion,
             eod_token_id=eod_token_id,
             reset_position_ids=cfg.reset_position_ids,
             reset_attention_mask=cfg.reset_attention_mask,

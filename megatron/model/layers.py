@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
+from megatron import grad_accum_fusion
 from megatron.model import doc_mask, kernels, sharding
 from megatron.model.config import LlamaConfig
 from megatron.model.rope import RotaryEmbedding
@@ -49,12 +50,14 @@ def tp_rank_size() -> tuple[int, int]:
 
 def megatron_config(cfg: LlamaConfig) -> ModelParallelConfig:
     _, tp = tp_rank_size()
+    if cfg.gradient_accumulation_fusion:
+        grad_accum_fusion.install()  # before the layers are built: they check for the wgrad kernel
     return ModelParallelConfig(
         tensor_model_parallel_size=tp,
         params_dtype=cfg.params_dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=False,  # we initialise full matrices ourselves, see module docstring
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=cfg.gradient_accumulation_fusion,
         sequence_parallel=False,
     )
 
