@@ -110,19 +110,27 @@ def metrics(run: Path) -> list[dict]:
 @pytest.mark.distributed
 def test_fused_training_matches_unfused_through_deepspeed(tmp_path):
     """bf16 + fp32 accumulation at PP 2 (both stages' gradient paths: the pipeline engine's and the loss stage's),
-    two micro-batches per step: with the fusion DeepSpeed's norm, clipping and update see the same gradients."""
+    two micro-batches per step: with the fusion DeepSpeed's norm, clipping and update see the same gradients.
+    A fused run resumed from its step-2 checkpoint continues exactly (the fp32 buffer is re-attached, empty)."""
     synthetic_corpus(str(tmp_path / "data"))
-    logs = {}
-    for fused in (False, True):
-        out = tmp_path / ("fused" if fused else "plain")
+
+    def train(name: str, **extra) -> tuple[list[dict], str]:
+        out = tmp_path / name
         out.mkdir()
         proc = run_deepy(out, {"data_path": str(tmp_path / "data"), "precision": "bf16", "pipe_parallel_size": 2,
                                "num_gpus": 2, "train_iters": 4, "log_interval": 1, "eval_iters": 0,
-                               "eval_interval": 1000, "use_wandb": False, "tensorboard_dir": None, "save": None,
-                               "gradient_clipping": 0.5, "gradient_accumulation_fusion": fused})
+                               "eval_interval": 1000, "use_wandb": False, "tensorboard_dir": None,
+                               "gradient_clipping": 0.5, **extra})
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
-        logs[fused] = (metrics(out / "run"), log)
+        return metrics(out / "run"), log
+
+    logs = {False: train("plain", save=None, gradient_accumulation_fusion=False),
+            True: train("fused", checkpoint_factor=2, gradient_accumulation_fusion=True)}
+    resumed, _ = train("resumed", save=None, gradient_accumulation_fusion=True,
+                       load=str(tmp_path / "fused" / "ckpt"), load_iteration=2)
+    assert [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in resumed] == \
+        [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in logs[True][0][2:]]
     assert "gradient accumulation fusion: 8 weights" in logs[True][1]  # stage 0 (rank 0 logs): 2 layers x 4
     plain, fused = logs[False][0], logs[True][0]
     assert len(plain) == len(fused) == 4
