@@ -96,6 +96,16 @@ def _wgrad_gemm_accum_low_precision(total_input, grad_output, main_grad) -> None
 
 
 # ---------------------------------------------------------------------------------------------------- wiring
+def describe(device: torch.device) -> str:
+    """Which wgrad kernel megatron-core will call (APEX's when it is installed, else ours and its variant)."""
+    from megatron.core.tensor_parallel import layers
+
+    module = getattr(layers, "fused_weight_gradient_mlp_cuda", None)
+    if module is not None and getattr(module, "wgrad_gemm_accum_fp32", None) is not wgrad_gemm_accum_fp32:
+        return "APEX fused_weight_gradient_mlp_cuda"
+    return kernel_for(device)[0]
+
+
 def install() -> None:
     """Give megatron-core's tensor-parallel layers our wgrad kernel in place of APEX's extension module.
 

@@ -91,7 +91,7 @@ class Trainer:
         if fuse_grads:
             n = grad_accum_fusion.attach(self.engine.optimizer, grad_accum_fusion.fused_weights(self.engine.module))
             device = next(self.engine.module.parameters()).device
-            fusion_note = f"gradient accumulation fusion: {n} weights, {grad_accum_fusion.kernel_for(device)[0]}"
+            fusion_note = f"gradient accumulation fusion: {n} weights, {grad_accum_fusion.describe(device)}"
         elif cfg.gradient_accumulation_fusion:
             fusion_note = f"gradient accumulation fusion: off ({self.precision} run, no fp32 bf16-optimizer buffer)"
         self.iteration = 0

@@ -57,6 +57,7 @@ def test_megatron_core_layers_write_main_grad_not_grad(single_rank):
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     grad_accum_fusion.install()
+    assert grad_accum_fusion.describe(torch.device("cpu")) == "upcast + fp32 GEMM"  # ours, not APEX's
     layers = {}
     for fused in (True, False):
         cfg = ModelParallelConfig(tensor_model_parallel_size=1, params_dtype=torch.bfloat16,
