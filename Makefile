@@ -38,7 +38,7 @@ demo-replay: $(STAMP)
 	WANDB_MODE=offline $(PY) deepy.py train.py configs/tiny_cpu.yml configs/demo_replay.yml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS) tests
 
 # GPU-only code paths (fused kernels, cuDNN/flash attention); run on a GPU machine, never in CI.
 test-gpu:
