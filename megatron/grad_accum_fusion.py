@@ -48,10 +48,11 @@ def _upcast_then_accumulate(total_input, grad_output, main_grad) -> None:
     main_grad.addmm_(grad_output.t().to(main_grad.dtype), total_input.to(main_grad.dtype))
 
 
+UPCAST = ("upcast + fp32 GEMM", _upcast_then_accumulate)
 CUDA_CANDIDATES: list[tuple[str, Accumulate]] = [
     ("cuBLAS GEMM accumulating into the fp32 buffer", _gemm_accumulate_in_place),
     ("fp32-output GEMM + add", _gemm_fp32_out_then_add),
-    ("upcast + fp32 GEMM", _upcast_then_accumulate),
+    UPCAST,
 ]
 
 
@@ -78,11 +79,8 @@ _chosen: dict[str, tuple[str, Accumulate]] = {}
 def kernel_for(device: torch.device) -> tuple[str, Accumulate]:
     """The fastest correct accumulate-GEMM on this device type, probed once per process."""
     if device.type not in _chosen:
-        if device.type == "cuda":
-            name, fn = next(((n, f) for n, f in CUDA_CANDIDATES if _works(f, device)), CUDA_CANDIDATES[-1])
-        else:
-            name, fn = "upcast + fp32 GEMM", _upcast_then_accumulate
-        _chosen[device.type] = (name, fn)
+        _chosen[device.type] = UPCAST if device.type != "cuda" else \
+            next(((n, f) for n, f in CUDA_CANDIDATES if _works(f, device)), UPCAST)
     return _chosen[device.type]
 
 
@@ -91,11 +89,13 @@ def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, 
     kernel_for(main_grad.device)[1](total_input, grad_output, main_grad)
 
 
-def _wgrad_gemm_accum_low_precision(total_input, grad_output, main_grad) -> None:
-    main_grad.add_(grad_output.t() @ total_input)
-
-
 # ---------------------------------------------------------------------------------------------------- wiring
+def applies(requested: bool, precision: str, grad_accum_dtype: str) -> bool:
+    """Whether a run fuses: only bf16 with fp32 accumulation has the BF16_Optimizer buffer to fuse into (the
+    trainer and the planner both ask this; validate.py refuses the explicit contradictions)."""
+    return requested and precision == "bf16" and grad_accum_dtype == "fp32"
+
+
 def describe(device: torch.device) -> str:
     """Which wgrad kernel megatron-core will call (APEX's when it is installed, else ours and its variant)."""
     from megatron.core.tensor_parallel import layers
@@ -117,8 +117,8 @@ def install() -> None:
         raise RuntimeError("gradient_accumulation_fusion: this megatron-core has no `_grad_accum_fusion_available` "
                            "in tensor_parallel/layers.py; set gradient_accumulation_fusion: false")
     if not getattr(layers, "fused_weight_gradient_mlp_cuda", None):
-        layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
-            wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32, wgrad_gemm_accum_fp16=_wgrad_gemm_accum_low_precision)
+        # Only the fp32 entry: the bf16-accumulation path megatron-core would call otherwise is refused by config.
+        layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32)
     layers._grad_accum_fusion_available = True
 
 

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megatron import grad_accum_fusion
 from megatron.config.schema import NeoXConfig
 
 GIB = 2**30
@@ -241,12 +242,12 @@ class Precision:
     zero_stage: int
     fused: bool = False  # fuse_pointwise: torch.compile'd RMSNorm/RoPE/SwiGLU (GPU only)
     attention: str = "auto"  # attention_backend
-    fused_grads: bool = False  # gradient_accumulation_fusion: matrices' gradients go straight into the fp32 buffer
+    fused_grads: bool = False  # gradient_accumulation_fusion as configured
 
     @property
     def grads_fused(self) -> bool:
-        """Whether the fusion applies (only BF16_Optimizer's fp32 buffer takes it; the trainer ignores it else)."""
-        return self.fused_grads and self.name == "bf16" and self.grad_accum == "fp32"
+        """Whether the matrices' gradients go straight into the fp32 buffer (the trainer's rule)."""
+        return grad_accum_fusion.applies(self.fused_grads, self.name, self.grad_accum)
 
     @property
     def act_bytes(self) -> int:
@@ -552,7 +553,7 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         # still hold their activations.
         largest = max(local[it] if it != "layer" else 2 * shape.ffn * shape.hidden // tp for it in items)
         if fused_grads:  # only the unfused parameters (embedding, norms) take that path
-            largest = max([local["embedding"]] if "embedding" in items else [shape.hidden])
+            largest = local["embedding"] if "embedding" in items else shape.hidden
         accumulate_peak = states + (in_flight - 1) * per_mb + held + 4 * largest
         peak, peak_phase = max((backward_peak, phase), (reduce_peak, "gradient all-reduce"),
                                (accumulate_peak, "fp32 gradient accumulation"))

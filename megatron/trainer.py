@@ -75,8 +75,8 @@ class Trainer:
         self.precision = cfg.resolved_precision
         self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
         # Fusing the weight-gradient accumulation needs the fp32 buffer of DeepSpeed's bf16 optimizer.
-        fuse_grads = cfg.gradient_accumulation_fusion and self.precision == "bf16" \
-            and cfg.data_types.grad_accum_dtype == "fp32"
+        fuse_grads = grad_accum_fusion.applies(cfg.gradient_accumulation_fusion, self.precision,
+                                               cfg.data_types.grad_accum_dtype)
         self.model_cfg = LlamaConfig.from_neox(cfg, cfg.vocab_size or self.tokenizer.vocab_size, torch.float32,
                                                eod_token_id=self.tokenizer.eod_id,
                                                gradient_accumulation_fusion=fuse_grads)
