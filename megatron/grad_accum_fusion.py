@@ -15,8 +15,13 @@ megatron-core that function instead of requiring APEX. `attach()` points each fu
 slice of DeepSpeed's fp32 buffer and tells the optimizer those gradients arrived (it would otherwise skip them in
 the norm and clipping, since their `.grad` stays empty).
 
+The embedding gets the same treatment (`lookup_accumulating`): its weight gradient is a scatter-add of the
+output gradient into the rows of the tokens seen, so the backward adds those few rows into `main_grad` in fp32
+instead of autograd filling a whole vocab x hidden bf16 gradient (1 GiB at 8B width) that DeepSpeed then reads
+again. Only the norms' small vectors still take DeepSpeed's path.
+
 Only bf16 runs with fp32 accumulation have such a buffer (DeepSpeed's BF16_Optimizer); the trainer turns the
-fusion on for those alone. The embedding's gradient still takes DeepSpeed's path (it is an index-add, not a GEMM).
+fusion on for those alone.
 """
 
 from __future__ import annotations
@@ -89,6 +94,37 @@ def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, 
     kernel_for(main_grad.device)[1](total_input, grad_output, main_grad)
 
 
+class _LookupAccumulating(torch.autograd.Function):
+    """`F.embedding(ids, weight)` whose weight gradient is added into `weight.main_grad` (fp32) and not returned.
+
+    Repeated tokens are summed in a fixed order, so a run repeats bitwise: on CUDA index_put_ with accumulate sorts
+    the indices (megatron-core's deterministic embedding relies on the same kernel; index_add_ there uses atomics);
+    on CPU index_add_ walks the index serially (index_put_ there may use parallel atomic adds). The sum of one
+    micro-batch is formed in fp32, never rounded to bf16."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight = weight  # main_grad is looked up at backward time: it is attached after the model is built
+        return torch.nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        main_grad = ctx.weight.main_grad
+        ids, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(main_grad.dtype)
+        if main_grad.is_cuda:
+            main_grad.index_put_((ids,), rows, accumulate=True)
+        else:
+            main_grad.index_add_(0, ids, rows)
+        return None, None
+
+
+def lookup_accumulating(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Embedding lookup for a fused run: the weight gradient goes into `weight.main_grad`, `.grad` stays None."""
+    return _LookupAccumulating.apply(ids, weight)
+
+
 # ---------------------------------------------------------------------------------------------------- wiring
 def applies(requested: bool, precision: str, grad_accum_dtype: str) -> bool:
     """Whether a run fuses: only bf16 with fp32 accumulation has the BF16_Optimizer buffer to fuse into (the
@@ -123,11 +159,10 @@ def install() -> None:
 
 
 def fused_weights(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The weights whose gradient megatron-core accumulates into `main_grad` (layers built with the flag on)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
+    """The weights whose gradient goes into `main_grad`: megatron-core's Column/RowParallelLinear built with the
+    flag on, and embeddings that look up through `lookup_accumulating` (they carry the same attribute)."""
     return [m.weight for m in module.modules()
-            if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.gradient_accumulation_fusion]
+            if getattr(m, "gradient_accumulation_fusion", False) is True and isinstance(m.weight, torch.nn.Parameter)]
 
 
 def attach(optimizer, weights: Iterable[torch.nn.Parameter]) -> int:

@@ -490,11 +490,11 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         per = {k: v * params / (dp if k.endswith("/dp") else 1) for k, v in per_param.items()}
         weights = per.get("weights", 0.0)
         grads = per.get("grads", 0.0) + per.get("grads/dp", 0.0)
-        # Fused, the layers' matrices and the output layer never get a bf16 param.grad: only the fp32 buffer.
+        # Fused, the matrices (embedding and output layer included) never get a bf16 param.grad: only the fp32
+        # buffer. The norms' vectors keep theirs.
         vectors = 2 * shape.hidden * items.count("layer") + shape.hidden * items.count("final_norm")
-        unfused = (local["embedding"] if "embedding" in items else 0) + vectors
         if fused_grads:
-            grads -= 2 * (params - unfused)
+            grads -= 2 * (params - vectors)
         master = per.get("master/dp", 0.0)
         adam = per.get("adam/dp", 0.0) + per.get("adam", 0.0)
         first, last = i == 0, i == pp - 1
@@ -534,8 +534,8 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         loss = loss_peak_bytes(shape, tp, b, act, precision.fused, fused_grads)
         if last and loss > current:
             current, phase = loss, "loss backward (logits)"
-        if first:
-            current = max(current, act * local["embedding"])
+        if first:  # the embedding's weight gradient: vocab-sized in bf16, or fused the fp32 rows it scatters
+            current = max(current, 4 * b * shape.seq * shape.hidden if fused_grads else act * local["embedding"])
         p2p = (act * sbh if not first else 0) + (act * sbh if not last else 0)  # recv buffers (activation, grad)
         states = weights + grads + master + adam
         backward_peak = states + in_flight * per_mb + held + current + p2p
@@ -552,8 +552,8 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         # at a time through an fp32 copy (BF16_Optimizer._update_hp_grad), while the other in-flight micro-batches
         # still hold their activations.
         largest = max(local[it] if it != "layer" else 2 * shape.ffn * shape.hidden // tp for it in items)
-        if fused_grads:  # only the unfused parameters (embedding, norms) take that path
-            largest = local["embedding"] if "embedding" in items else shape.hidden
+        if fused_grads:  # only the norms' vectors take that path
+            largest = shape.hidden
         accumulate_peak = states + (in_flight - 1) * per_mb + held + 4 * largest
         peak, peak_phase = max((backward_peak, phase), (reduce_peak, "gradient all-reduce"),
                                (accumulate_peak, "fp32 gradient accumulation"))
@@ -830,7 +830,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
     w = plan.worst
     lines += [
         "  grads = bf16 param.grad + fp32 accumulation buffer (whole local model; gradient_accumulation_fusion",
-        "  leaves only the embedding and norms a bf16 param.grad); master and Adam are this rank's",
+        "  leaves only the norms a bf16 param.grad); master and Adam are this rank's",
         "  1/DP slice (ZeRO-1). acts = activations the in-flight micro-batches keep (1F1B: stage i has up to PP-i)",
         "  and DeepSpeed's pipe buffers; no-ckpt / ckpt = the same without / with activation checkpointing.",
         "  work = at the worst moment: a recomputed layer and the gradients in flight, or the loss.",

@@ -103,6 +103,53 @@ def test_megatron_core_layers_write_main_grad_not_grad(single_rank):
         assert unfused_err > 10 * err  # the bf16 rounding the fusion removes
 
 
+def test_embedding_scatters_its_gradient_into_main_grad(single_rank):
+    """The fused embedding (layers.FusedGradVocabParallelEmbedding): same output as megatron-core's, and over three
+    micro-batches with repeated tokens its weight gradient is the fp32 sum in main_grad, `.grad` never written.
+    megatron-core's embedding instead hands DeepSpeed a bf16 gradient per micro-batch (rounded per row sum)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    from megatron.model.layers import FusedGradVocabParallelEmbedding
+
+    cfg = ModelParallelConfig(tensor_model_parallel_size=1, params_dtype=torch.bfloat16, use_cpu_initialization=True)
+    plain = tensor_parallel.VocabParallelEmbedding(50, 16, init_method=torch.nn.init.normal_, config=cfg)
+    fused = FusedGradVocabParallelEmbedding(50, 16, init_method=torch.nn.init.normal_, config=cfg)
+    fused.weight.data.copy_(plain.weight.data)
+    fused.weight.main_grad = torch.full((50, 16), 0.25)
+    assert grad_accum_fusion.fused_weights(torch.nn.ModuleList([plain, fused])) == [fused.weight]
+
+    expected = torch.full((50, 16), 0.25, dtype=torch.float64)
+    unfused_sum = torch.full((50, 16), 0.25)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 12, (4, 64), generator=gen)  # 256 lookups of 12 rows: many repeats per row
+        g = torch.randn(4, 64, 16, generator=gen).to(torch.bfloat16)
+        out = fused(ids)
+        torch.testing.assert_close(out, plain(ids), rtol=0, atol=0)
+        out.backward(g)
+        plain.weight.grad = None
+        plain(ids).backward(g)
+        unfused_sum += plain.weight.grad.float()
+        expected.index_add_(0, ids.reshape(-1), g.reshape(-1, 16).double())
+    assert fused.weight.grad is None
+    assert torch.equal(fused.weight.main_grad[12:], torch.full((38, 16), 0.25))  # rows never seen: untouched
+    err = (fused.weight.main_grad.double() - expected).abs().max().item()
+    unfused_err = (unfused_sum.double() - expected).abs().max().item()
+    assert err <= 1e-6 * expected.abs().max().item(), err
+    assert unfused_err > 10 * err
+
+    # Bitwise repeatable at a size where torch's CPU index_put_ adds in parallel: 4,096 lookups of 2 rows.
+    ids = torch.randint(0, 2, (8, 512), generator=torch.Generator().manual_seed(9))
+    g = torch.randn(8, 512, 16, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    sums = []
+    for _ in range(3):
+        fused.weight.main_grad = torch.zeros(50, 16)
+        fused(ids).backward(g)
+        sums.append(fused.weight.main_grad)
+    assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
+
+
 def metrics(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "train/loss" in r]
@@ -110,8 +157,8 @@ def metrics(run: Path) -> list[dict]:
 
 @pytest.mark.distributed
 def test_fused_training_matches_unfused_through_deepspeed(tmp_path):
-    """bf16 + fp32 accumulation at PP 2 (both stages' gradient paths: the pipeline engine's and the loss stage's),
-    two micro-batches per step: with the fusion DeepSpeed's norm, clipping and update see the same gradients.
+    """bf16 + fp32 accumulation at TP 2 x PP 2 (both stages' gradient paths: the pipeline engine's and the loss
+    stage's; the embedding's vocab-sliced lookup), two micro-batches per step: with the fusion DeepSpeed's norm, clipping and update see the same gradients.
     A fused run resumed from its step-2 checkpoint continues exactly (the fp32 buffer is re-attached, empty)."""
     synthetic_corpus(str(tmp_path / "data"))
 
@@ -119,7 +166,7 @@ def test_fused_training_matches_unfused_through_deepspeed(tmp_path):
         out = tmp_path / name
         out.mkdir()
         proc = run_deepy(out, {"data_path": str(tmp_path / "data"), "precision": "bf16", "pipe_parallel_size": 2,
-                               "num_gpus": 2, "train_iters": 4, "log_interval": 1, "eval_iters": 0,
+                               "model_parallel_size": 2, "num_gpus": 4, "train_iters": 4, "log_interval": 1, "eval_iters": 0,
                                "eval_interval": 1000, "use_wandb": False, "tensorboard_dir": None,
                                "gradient_clipping": 0.5, **extra})
         log = proc.stdout + proc.stderr
@@ -132,7 +179,8 @@ def test_fused_training_matches_unfused_through_deepspeed(tmp_path):
                        load=str(tmp_path / "fused" / "ckpt"), load_iteration=2)
     assert [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in resumed] == \
         [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in logs[True][0][2:]]
-    assert "gradient accumulation fusion: 8 weights" in logs[True][1]  # stage 0 (rank 0 logs): 2 layers x 4
+    # stage 0 (rank 0 logs): 2 layers x 4 matrices + the embedding
+    assert "gradient accumulation fusion: 9 weights" in logs[True][1]
     plain, fused = logs[False][0], logs[True][0]
     assert len(plain) == len(fused) == 4
     for a, b in zip(plain, fused):

@@ -118,3 +118,25 @@ def test_grad_accum_fusion_uses_one_accumulating_gemm():
     fn(x, g, main_grad)
     assert main_grad.data_ptr() == ptr  # accumulated in place: DeepSpeed's buffer, not a copy
     _close(main_grad, expected, 1e-5)
+
+
+def test_fused_embedding_gradient_is_exact_and_deterministic_on_cuda():
+    """The fused embedding's backward on CUDA (index_put_ with accumulate into the fp32 main_grad): the rows of the
+    8,192 tokens of one micro-batch, real vocabulary size, summed like the fp64 reference and bitwise the same on
+    a second run (the sort-based accumulation, unlike an atomic index_add_)."""
+    from megatron import grad_accum_fusion
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 2000, (1, 8192), device=DEV)  # a small slice of the vocabulary: many repeats
+    g = torch.randn(1, 8192, 4096, device=DEV, dtype=torch.bfloat16)
+    weight = torch.nn.Parameter(torch.randn(128256, 4096, device=DEV, dtype=torch.bfloat16))
+    runs = []
+    for _ in range(2):
+        weight.main_grad = torch.zeros(128256, 4096, device=DEV)
+        grad_accum_fusion.lookup_accumulating(ids, weight).backward(g)
+        assert weight.grad is None
+        runs.append(weight.main_grad)
+    expected = torch.zeros(2000, 4096, device=DEV, dtype=torch.float64).index_add_(
+        0, ids.reshape(-1), g.reshape(-1, 4096).double())
+    _close(runs[0][:2000], expected, 1e-6)
+    assert torch.equal(runs[0], runs[1])

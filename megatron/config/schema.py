@@ -153,8 +153,9 @@ class KernelArgs(_Strict):
         True, description="torch.compile the pointwise parts (RMSNorm, RoPE, SwiGLU) into fused kernels on GPU."
     )
     gradient_accumulation_fusion: bool = Field(
-        False, description="Megatron's fusion: the linear layers' weight-gradient GEMMs add straight into "
-        "DeepSpeed's fp32 accumulation buffer (no bf16 gradient, no cast-and-add per micro-batch; "
+        False, description="Megatron's fusion: the linear layers' weight-gradient GEMMs and the embedding's "
+        "scatter-add go straight into DeepSpeed's fp32 accumulation buffer (no bf16 gradient, no cast-and-add per "
+        "micro-batch; "
         "megatron/grad_accum_fusion.py). Needs bf16 with grad_accum_dtype fp32; fp32 runs ignore it."
     )
 

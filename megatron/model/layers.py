@@ -214,12 +214,34 @@ class TransformerLayer(torch.nn.Module):
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+class FusedGradVocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
+    """megatron-core's VocabParallelEmbedding whose weight gradient goes into `weight.main_grad` (fp32) instead of
+    a vocab-sized bf16 `.grad` (gradient_accumulation_fusion, megatron/grad_accum_fusion.py). The forward is
+    megatron-core's without sequence parallelism (which this model does not use): the lookup is the only change."""
+
+    gradient_accumulation_fusion = True  # fused_weights() finds it by this, like the linear layers
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.reduce_scatter_embeddings:
+            raise NotImplementedError("gradient_accumulation_fusion with sequence-parallel embeddings")
+        if self.tp_group.size() > 1:
+            # Tokens outside this rank's vocab slice look up row 0 and are zeroed (their gradient adds 0 there).
+            outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+            local = (input_ - self.vocab_start_index).masked_fill(outside, 0)
+            out = grad_accum_fusion.lookup_accumulating(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        else:
+            out = grad_accum_fusion.lookup_accumulating(input_, self.weight)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+
+
 class Embedding(torch.nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
         rank, tp = tp_rank_size()
-        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+        embedding = FusedGradVocabParallelEmbedding if cfg.gradient_accumulation_fusion else \
+            tensor_parallel.VocabParallelEmbedding
+        self.word_embeddings = embedding(
             cfg.padded_vocab_size, cfg.hidden_size, init_method=lambda w: None, config=megatron_config(cfg)
         )
         full = normal_full((cfg.vocab_size, cfg.hidden_size), cfg.input_std(), cfg.seed, -1, "embed_tokens")
