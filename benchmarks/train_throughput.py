@@ -10,8 +10,10 @@ measured in the same run; MFU is against it. FLOPs per token: 6·N_matmul + 12·
 
 Variants switch the kernel keys (configs/README.md, "KernelArgs"): `eager` = flash SDPA, unfused pointwise ops;
 `fast` = the defaults (cuDNN SDPA on Hopper, torch.compile'd RMSNorm/RoPE/SwiGLU); `fast-fusedgrad` = fast plus
-gradient_accumulation_fusion. Prints a table; --report
-appends it to docs/performance.md; --json writes the records (with peak memory, for tools/plan.py's validation).
+gradient_accumulation_fusion; `fast-fusedgrad-selective` also recomputes selectively where a shape needs
+checkpointing. First it runs the GPU-only tests (tests_gpu/, `make test-gpu`), so every timed GPU branch is also
+checked in the same run (--skip-gpu-tests to leave them out). Prints a table; --report appends it to
+docs/performance.md; --json writes the records (with peak memory, for tools/plan.py's validation).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ VARIANTS = {
     "fast": {"attention_backend": "auto", "fuse_pointwise": True},
     # + weight-gradient GEMMs accumulating into DeepSpeed's fp32 buffer (megatron/grad_accum_fusion.py)
     "fast-fusedgrad": {"attention_backend": "auto", "fuse_pointwise": True, "gradient_accumulation_fusion": True},
+    # + selective recompute (megatron/model/recompute.py) on the shapes that need checkpointing
+    "fast-fusedgrad-selective": {"attention_backend": "auto", "fuse_pointwise": True,
+                                 "gradient_accumulation_fusion": True, "recompute_granularity": "selective"},
 }
 COMMON = dict(seq_length=8192, max_position_embeddings=131072, rotary_emb_base=500000.0,
               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -91,6 +96,8 @@ def run_ours(shape: str, variant: str, data: Path, steps: int, work: Path, extra
     cfg = {**COMMON, **SHAPES[shape], **VARIANTS[variant], "train_iters": steps, "data_path": str(data),
            "split": "100,0,0", "run_dir": str(run_dir), "data_cache_dir": str(work / "cache"),
            "checkpoint_activations": shape in NEEDS_CHECKPOINTING, **extra}
+    if not cfg["checkpoint_activations"]:
+        cfg.pop("recompute_granularity", None)  # selective needs checkpointing (the config refuses it alone)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "bench.yml"
     path.write_text(yaml.safe_dump(cfg))
@@ -107,6 +114,16 @@ def run_ours(shape: str, variant: str, data: Path, steps: int, work: Path, extra
             "tflops": steady([r["train/tflops_per_gpu"] for r in train], 3),
             "peak_gib": max(r["train/peak_mem_gib"] for r in train), "wall_s": time.perf_counter() - t,
             "final_loss": train[-1]["train/loss"]}
+
+
+def run_gpu_tests() -> str:
+    """pytest tests_gpu/ (the checks of every GPU-only branch against its plain definition); its summary line."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests_gpu")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    lines = [x for x in (proc.stdout + proc.stderr).strip().splitlines() if x.strip()]
+    if proc.returncode != 0:
+        print("\n".join(lines[-40:]), flush=True)
+    return lines[-1] if lines else f"pytest exited {proc.returncode} with no output"
 
 
 def run_peer(shape: str, steps: int) -> dict:
@@ -158,6 +175,7 @@ def main() -> None:
     ap.add_argument("--extra", default="{}", help="JSON of extra config keys for our runs (e.g. profiling)")
     ap.add_argument("--json", help="write all records here")
     ap.add_argument("--report", action="store_true", help="append the table to docs/performance.md")
+    ap.add_argument("--skip-gpu-tests", action="store_true", help="do not run tests_gpu/ first")
     args = ap.parse_args()
 
     import torch
@@ -166,6 +184,8 @@ def main() -> None:
     peak = matmul_peak_tflops()
     device = torch.cuda.get_device_name()
     print(f"{device} | torch {torch.__version__} | bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    gpu_tests = "not run (--skip-gpu-tests)" if args.skip_gpu_tests else run_gpu_tests()
+    print(f"GPU-only tests (tests_gpu/): {gpu_tests}", flush=True)
     data = ensure_tokens(work / "data" / "pydocs")
     rows = []
     for shape in args.shapes.split(","):
@@ -175,7 +195,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             rows.append(run_ours(shape, variant, data, args.steps, work, json.loads(args.extra)))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"})[:3000], flush=True)
-    text = table(rows, peak)
+    text = table(rows, peak) + f"\n\nGPU-only tests (tests_gpu/) in the same run: {gpu_tests}."
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "peak_tflops": peak,

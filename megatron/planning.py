@@ -135,6 +135,7 @@ class Layout:
     checkpoint: bool  # checkpoint_activations
     checkpoint_layers: int = 1  # checkpoint_num_layers
     partition: bool = False  # partition_activations
+    selective: bool = False  # recompute_granularity: selective (checkpointed layers keep matmul/attention outputs)
 
     @property
     def gpus(self) -> int:
@@ -149,6 +150,7 @@ class Layout:
         if self.checkpoint:
             ckpt = f"every {self.checkpoint_layers} layer{'s' if self.checkpoint_layers > 1 else ''}"
             ckpt += ", partitioned over TP" if self.partition and self.tp > 1 else ""
+            ckpt += ", selective (matmul and attention outputs kept)" if self.selective else ""
         return (f"TP {self.tp} x PP {self.pp} x DP {self.dp}, micro-batch {self.micro} x {self.gas} accumulation, "
                 f"activation checkpointing {ckpt}")
 
@@ -156,7 +158,13 @@ class Layout:
 def layout_of(cfg: NeoXConfig, gpus: int) -> Layout:
     return Layout(tp=cfg.tp, pp=cfg.pp, dp=max(1, gpus // (cfg.tp * cfg.pp)), micro=cfg.train_micro_batch_size_per_gpu,
                   gas=cfg.gradient_accumulation_steps, checkpoint=cfg.checkpoint_activations,
-                  checkpoint_layers=cfg.checkpoint_num_layers, partition=cfg.partition_activations)
+                  checkpoint_layers=cfg.checkpoint_num_layers, partition=cfg.partition_activations,
+                  selective=_selective(cfg, cfg.checkpoint_activations))
+
+
+def _selective(cfg: NeoXConfig, checkpoint: bool) -> bool:
+    # getattr: recompute_granularity is newer than this module's first version.
+    return checkpoint and getattr(cfg, "recompute_granularity", "full") == "selective"
 
 
 # ------------------------------------------------------------------------------------------------ pipeline stages
@@ -318,6 +326,24 @@ def layer_activation_bytes(shape: Shape, tp: int, micro: int, act: int, fused: b
     return 2 * norm + attn + mlp
 
 
+def selective_kept_bytes(shape: Shape, tp: int, micro: int, act: int, attention: str = "auto") -> int:
+    """Bytes a selectively checkpointed layer keeps besides its input (megatron/model/recompute.py): the outputs of
+    its matmuls (qkv and gate/up are TP slices; the output projection and down projection are full width, reduced
+    over TP in place) and of attention (the output and its fp32 logsumexp; the math backend's two bmm outputs, the
+    seq x seq scores among them, instead)."""
+    s, h, f = micro * shape.seq, shape.hidden, shape.ffn
+    d = shape.head_dim
+    q = shape.heads // tp * d
+    replicas = max(1, tp // shape.kv_heads)
+    kv_rows = (shape.kv_heads // tp if shape.kv_heads >= tp else 1) * d // replicas
+    matmuls = act * s * ((q + 2 * kv_rows) + h + 2 * f // tp + h)
+    if attention == "math":
+        attn = act * micro * (shape.heads // tp) * shape.seq**2 + act * s * q
+    else:
+        attn = act * s * q + 4 * s * shape.heads // tp
+    return matmuls + attn
+
+
 def backward_working_bytes(shape: Shape, tp: int, micro: int, act: int, fused_grads: bool = False) -> int:
     """Gradients alive at once inside one layer's backward: the gate/up gradient being assembled (2f/TP wide), the
     gradient of the layer output and of the residual branch, and one bf16 weight gradient before it is added into
@@ -444,7 +470,7 @@ class Plan:
         """GPU work per model FLOP: activation checkpointing runs each transformer layer's forward twice, i.e.
         adds a third of the layers' 6N + 12Lhs (2 N_layers + 4 L h s per token; the output layer is not
         recomputed)."""
-        if not self.layout.checkpoint:
+        if not self.layout.checkpoint or self.layout.selective:  # selective replays only pointwise ops
             return 1.0
         sh = self.shape
         layer_matmuls = sh.layers * (sh.attn_params() + sh.mlp_params())
@@ -477,6 +503,7 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
     sbh = b * shape.seq * shape.hidden
     vp = shape.padded_vocab(tp)
     a_layer = layer_activation_bytes(shape, tp, b, act, precision.fused, precision.attention)
+    kept_selective = selective_kept_bytes(shape, tp, b, act, precision.attention)
     fused_grads = precision.grads_fused
     work = backward_working_bytes(shape, tp, b, act, fused_grads)
     # DeepSpeed's pipeline config defaults pipe_partitioned/grad_partitioned to true: with TP > 1 a stage keeps
@@ -508,6 +535,8 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
                 n_layers = chunk.count("layer")
                 if checkpoint and n_layers == len(chunk):
                     total += act * sbh // (tp if (layout.partition and tp > 1) else 1)  # the chunk's input
+                    if layout.selective:
+                        total += n_layers * kept_selective
                 else:
                     total += n_layers * a_layer
             if "embedding" in items:
@@ -574,7 +603,8 @@ def layout_problems(cfg: NeoXConfig, layout: Layout) -> list[str]:
         "hostfile": None, "train_micro_batch_size_per_gpu": layout.micro,
         "gradient_accumulation_steps": layout.gas, "train_batch_size": None,
         "checkpoint_activations": layout.checkpoint, "checkpoint_num_layers": layout.checkpoint_layers,
-        "partition_activations": layout.partition})
+        "partition_activations": layout.partition,
+        "recompute_granularity": "selective" if layout.selective else "full"})
     layout_keys = {"model_parallel_size", "pipe_parallel_size", "train_batch_size", "partition_activations"}
     return [f"{i.key}: {i.message}" for i in check_cross_field(trial)
             if set(i.key.split(",")) & layout_keys]
@@ -635,9 +665,10 @@ def alternative_layout(cfg: NeoXConfig, gpus: Optional[int] = None, tp: Optional
         gas = cfg.gradient_accumulation_steps
         notes.append(f"global batch {batch} is not a multiple of micro-batch x DP = {micro} x {dp}: kept "
                      f"{gas} accumulation steps (global batch {micro * gas * dp})")
+    partition = cfg.partition_activations and checkpoint and tp > 1
     layout = Layout(tp=tp, pp=pp, dp=dp, micro=micro, gas=gas, checkpoint=checkpoint,
-                    checkpoint_layers=cfg.checkpoint_num_layers,
-                    partition=cfg.partition_activations and checkpoint and tp > 1)
+                    checkpoint_layers=cfg.checkpoint_num_layers, partition=partition,
+                    selective=_selective(cfg, checkpoint) and not partition)
     return layout, notes
 
 
@@ -736,7 +767,8 @@ def candidate_layouts(cfg: NeoXConfig, base: Layout, gpus: int, per_node: int, k
                     if partition and tp == 1:
                         continue
                     yield Layout(tp=tp, pp=pp, dp=dp, micro=micro, gas=per_replica // micro, checkpoint=checkpoint,
-                                 checkpoint_layers=1 if checkpoint else base.checkpoint_layers, partition=partition)
+                                 checkpoint_layers=1 if checkpoint else base.checkpoint_layers, partition=partition,
+                                 selective=checkpoint and base.selective and not partition)
 
 
 def distance(a: Layout, b: Layout) -> float:
@@ -854,7 +886,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
         f"{plan.tokens_per_step:,} tokens = {plan.flops_per_step:.3e} per step",
         f"  bubble      (PP-1)/(GAS+PP-1) = {lay.pp - 1}/{lay.gas + lay.pp - 1} = {100 * plan.bubble:.1f}% of each step",
         f"  recompute   x{plan.recompute_factor:.2f} GPU work per model FLOP"
-        + (" (checkpointing repeats each layer's forward)" if lay.checkpoint else " (no checkpointing)"),
+        + (" (selective checkpointing replays only pointwise ops)" if lay.selective
+           else " (checkpointing repeats each layer's forward)" if lay.checkpoint else " (no checkpointing)"),
         f"  assumed     {plan.tflops:.1f} TFLOP/s per GPU while computing ({100 * plan.tflops / gpu.peak_tflops:.0f}% "
         f"of peak)",
         f"  step        FLOPs/step x {plan.recompute_factor:.2f} / ({lay.gpus:,} GPUs x {plan.tflops:.1f} TFLOP/s) / "

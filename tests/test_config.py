@@ -110,6 +110,10 @@ MALFORMED = [
      "world size 6"),  # world size not TP x PP x DP
     ({"pipe_parallel_size": 5, "num_gpus": 5}, "pipe_parallel_size", "only 4 layers"),
     ({"partition_activations": True}, "partition_activations", "checkpointed activations"),
+    ({"recompute_granularity": "selective"}, "recompute_granularity", "checkpointed activations"),
+    ({"recompute_granularity": "selective", "checkpoint_activations": True, "partition_activations": True},
+     "recompute_granularity", "partition_activations"),
+    ({"recompute_granularity": "some"}, "recompute_granularity", "selective"),
     # run length and per-epoch replay (docs/replay.md)
     ({"train_iters": None}, "train_iters", "required"),
     ({"train_epochs": 2.5}, "train_iters,train_epochs", "not both"),

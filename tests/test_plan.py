@@ -294,3 +294,23 @@ def test_gradient_accumulation_fusion_drops_the_bf16_grads_of_matrices():
     cfg = load("llama3.1-8b.yml").config
     assert not planning.precision_of(cfg).grads_fused
     assert planning.precision_of(cfg.model_copy(update={"gradient_accumulation_fusion": True})).grads_fused
+
+
+def test_selective_recompute_trades_memory_for_no_matmul_recompute():
+    """recompute_granularity: selective (read from the config) keeps, per checkpointed layer, the matmul and
+    attention outputs on top of full checkpointing's input (the exact count is checked against a CPU forward in
+    tests/distributed/test_activation_memory.py), and replays no matmul, so no recompute factor."""
+    cfg = load("llama3.1-8b.yml").config.model_copy(update={"checkpoint_activations": True, "train_iters": 10})
+    selective = cfg.model_copy(update={"recompute_granularity": "selective"})
+    full_plan, sel_plan = planning.make_plan(cfg, gpus=8), planning.make_plan(selective, gpus=8)
+    assert not full_plan.layout.selective and sel_plan.layout.selective
+    assert "selective" in sel_plan.layout.describe()
+    assert full_plan.recompute_factor > 1.2 and sel_plan.recompute_factor == 1.0
+    (full,), (sel,) = full_plan.stages, sel_plan.stages
+    layout, shape = sel_plan.layout, sel_plan.shape
+    kept = planning.selective_kept_bytes(shape, layout.tp, layout.micro, 2)
+    assert sel.act_stored - full.act_stored == pytest.approx(full.in_flight * shape.layers * kept)
+    assert sel.act_stored < sel.act_no_ckpt
+    # Without checkpointing there is nothing to be selective about: the key changes nothing.
+    off = planning.make_plan(selective.model_copy(update={"checkpoint_activations": False}), gpus=8)
+    assert not off.layout.selective

@@ -138,6 +138,12 @@ class ParallelArgs(_Strict):
     checkpoint_activations: bool = Field(False, description="Recompute activations in backward to save memory.")
     checkpoint_num_layers: int = Field(1, gt=0, description="Layers per activation-checkpointed chunk.")
     partition_activations: bool = Field(False, description="Shard checkpointed activations across TP ranks.")
+    recompute_granularity: Literal["full", "selective"] = Field(
+        "full", description="With checkpoint_activations (Megatron's key): full keeps only each checkpointed "
+        "layer's input and recomputes its whole forward; selective also keeps the matmul and attention outputs "
+        "and recomputes only the pointwise ops (norms, RoPE, SwiGLU, residual adds): more memory than full, no "
+        "matmul done twice (megatron/model/recompute.py)."
+    )
     distributed_backend: Literal["nccl", "gloo", "auto"] = Field(
         "auto", description="torch.distributed backend; auto means nccl on GPU, gloo on CPU."
     )

@@ -144,6 +144,15 @@ def _parallel(cfg: "NeoXConfig", world: Optional[int]) -> list[ConfigIssue]:
     if cfg.num_nodes > 1 and not cfg.hostfile:
         issues.append(ConfigIssue("num_nodes,hostfile", f"{cfg.num_nodes} nodes need a hostfile naming them",
                                   "set hostfile: a file with one `HOST slots=GPUS` line per node", cfg.num_nodes))
+    if cfg.recompute_granularity == "selective" and not cfg.checkpoint_activations:
+        issues.append(ConfigIssue("recompute_granularity", "selective recompute only applies to checkpointed "
+                                  "activations", "set checkpoint_activations: true, or recompute_granularity: full",
+                                  "selective"))
+    if cfg.recompute_granularity == "selective" and cfg.partition_activations:
+        issues.append(ConfigIssue("recompute_granularity", "selective recompute uses torch's checkpoint, which "
+                                  "cannot shard the kept activations over TP (partition_activations uses "
+                                  "DeepSpeed's)", "set partition_activations: false, or recompute_granularity: full",
+                                  "selective"))
     if cfg.partition_activations and not cfg.checkpoint_activations:
         issues.append(ConfigIssue("partition_activations", "only applies to checkpointed activations",
                                   "set checkpoint_activations: true, or partition_activations: false", True))

@@ -34,6 +34,7 @@ class LlamaConfig:
     checkpoint_activations: bool = False
     checkpoint_num_layers: int = 1
     partition_activations: bool = False
+    recompute_granularity: str = "full"  # "selective": keep matmul/attention outputs (recompute.py)
     attention_backend: str = "auto"
     fuse_pointwise: bool = False
     # Weight gradients accumulate into `weight.main_grad` (fp32, attached by the trainer) instead of `.grad`.
@@ -85,6 +86,7 @@ class LlamaConfig:
             checkpoint_activations=cfg.checkpoint_activations,
             checkpoint_num_layers=cfg.checkpoint_num_layers,
             partition_activations=cfg.partition_activations,
+            recompute_granularity=cfg.recompute_granularity,
             attention_backend=cfg.attention_backend,
             fuse_pointwise=cfg.fuse_pointwise,
             gradient_accumulation_fusion=gradient_accumulation_fusion,

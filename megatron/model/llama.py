@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 
-from megatron.model import doc_mask
+from megatron.model import doc_mask, recompute
 from megatron.model.config import LlamaConfig
 from megatron.model.layers import Embedding, OutputLayer, RMSNorm, TransformerLayer, make_loss_fn
 from megatron.parallel.layout import ParallelLayout
@@ -74,7 +74,7 @@ def _checkpoint_function(cfg: LlamaConfig, layout: ParallelLayout):
         deepspeed.checkpointing.configure(layout.mpu(), partition_activations=True,
                                           num_checkpoints=cfg.num_layers)
         return deepspeed.checkpointing.checkpoint
-    return lambda fn, *args: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return recompute.checkpoint_selective if cfg.recompute_granularity == "selective" else recompute.checkpoint_full
 
 
 def build_model(cfg: LlamaConfig, layout: ParallelLayout, partition_method: str = "type:transformer") -> PipelineModule:

@@ -31,6 +31,7 @@ MODEL = {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_kv_h
          "seq_length": 32, "vocab_size": VOCAB, "make_vocab_size_divisible_by": 64}
 # (TP, PP, DP, extra keys). TP 4 with 2 kv heads makes each kv head shared by 2 ranks; checkpointing variants
 # ride on layouts that run anyway (their exact on/off equality is tested in-process in test_activation_memory.py).
+# Selective recompute rides on TP 4: replaying a row-parallel layer must not all-reduce its kept output again.
 LAYOUTS = [
     (1, 1, 1, {}),
     (2, 1, 1, {}),
@@ -39,7 +40,7 @@ LAYOUTS = [
     (2, 2, 1, {}),
     (2, 2, 2, {"checkpoint_activations": True, "partition_activations": True}),
     (1, 4, 1, {"checkpoint_activations": True}),
-    (4, 1, 1, {}),
+    (4, 1, 1, {"checkpoint_activations": True, "recompute_granularity": "selective"}),
 ]
 
 
