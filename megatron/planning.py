@@ -249,7 +249,7 @@ class Precision:
     grad_accum: str  # "fp32" or "bf16"
     zero_stage: int
     fused: bool = False  # fuse_pointwise: torch.compile'd RMSNorm/RoPE/SwiGLU (GPU only)
-    attention: str = "auto"  # attention_backend
+    attention: str = "auto"  # attention_backend, or "flex" for document masking (memory modelled as flash's)
     fused_grads: bool = False  # gradient_accumulation_fusion as configured
 
     @property
@@ -290,9 +290,11 @@ def precision_of(cfg: NeoXConfig) -> Precision:
     # Unset precision means bf16 on a GPU (schema), which is what a plan is for.
     name = cfg.precision or ("fp32" if cfg.bf16 is not None and not cfg.bf16.enabled else "bf16")
     # getattr: the kernel keys are newer than this module's first version; without them the layers are unfused.
+    attention = str(getattr(cfg, "attention_backend", "auto"))
+    if getattr(cfg, "reset_attention_mask", False) and attention != "math" and not cfg.attention_dropout:
+        attention = "flex"  # document masking on a GPU runs compiled FlexAttention (megatron/model/doc_mask.py)
     return Precision(name, cfg.data_types.grad_accum_dtype, cfg.zero_optimization.stage,
-                     fused=bool(getattr(cfg, "fuse_pointwise", False)),
-                     attention=str(getattr(cfg, "attention_backend", "auto")),
+                     fused=bool(getattr(cfg, "fuse_pointwise", False)), attention=attention,
                      fused_grads=bool(getattr(cfg, "gradient_accumulation_fusion", False)))
 
 
@@ -330,7 +332,8 @@ def selective_kept_bytes(shape: Shape, tp: int, micro: int, act: int, attention:
     """Bytes a selectively checkpointed layer keeps besides its input (megatron/model/recompute.py): the outputs of
     its matmuls (qkv and gate/up are TP slices; the output projection and down projection are full width, reduced
     over TP in place) and of attention (the output and its fp32 logsumexp; the math backend's two bmm outputs, the
-    seq x seq scores among them, instead)."""
+    seq x seq scores among them, instead). Compiled FlexAttention (document masking on a GPU) runs out of the
+    policy's sight (torch's checkpoint modes ignore compiled code), so nothing of it is kept: it is recomputed."""
     s, h, f = micro * shape.seq, shape.hidden, shape.ffn
     d = shape.head_dim
     q = shape.heads // tp * d
@@ -339,6 +342,8 @@ def selective_kept_bytes(shape: Shape, tp: int, micro: int, act: int, attention:
     matmuls = act * s * ((q + 2 * kv_rows) + h + 2 * f // tp + h)
     if attention == "math":
         attn = act * micro * (shape.heads // tp) * shape.seq**2 + act * s * q
+    elif attention == "flex":
+        attn = 0
     else:
         attn = act * s * q + 4 * s * shape.heads // tp
     return matmuls + attn
@@ -470,11 +475,14 @@ class Plan:
         """GPU work per model FLOP: activation checkpointing runs each transformer layer's forward twice, i.e.
         adds a third of the layers' 6N + 12Lhs (2 N_layers + 4 L h s per token; the output layer is not
         recomputed)."""
-        if not self.layout.checkpoint or self.layout.selective:  # selective replays only pointwise ops
-            return 1.0
         sh = self.shape
+        attention_forward = 4 * sh.layers * sh.hidden * sh.seq
+        if not self.layout.checkpoint:
+            return 1.0
+        if self.layout.selective:  # selective replays only pointwise ops, and compiled FlexAttention (not kept)
+            return 1 + (attention_forward if self.precision.attention == "flex" else 0) / self.flops_per_token
         layer_matmuls = sh.layers * (sh.attn_params() + sh.mlp_params())
-        return 1 + (2 * layer_matmuls + 4 * sh.layers * sh.hidden * sh.seq) / self.flops_per_token
+        return 1 + (2 * layer_matmuls + attention_forward) / self.flops_per_token
 
     @property
     def compute_seconds(self) -> float:
@@ -679,11 +687,7 @@ def predict_peak_gib(config_dict: dict[str, Any], world_size: int, what: str = "
     trainer's `mem` column); "reserved" adds the caching allocator's slack; "device" also the context and
     communicator buffers (what nvidia-smi would show). Run-only keys (data, train_iters) may be left out.
     """
-    from megatron.config.loader import _normalise
-
-    raw = {k: v for k, v in _normalise(dict(config_dict)).items() if k in NeoXConfig.model_fields}
-    cfg = NeoXConfig(**raw)
-    plan = make_plan(cfg, gpus=world_size)
+    plan = make_plan(config_from_keys(config_dict), gpus=world_size)
     peak = plan.worst.peak
     if what == "allocated":
         return peak / GIB
@@ -692,6 +696,26 @@ def predict_peak_gib(config_dict: dict[str, Any], world_size: int, what: str = "
     if what == "device":
         return device_bytes(peak) / GIB
     raise ValueError(f"what must be allocated, reserved or device, not {what!r}")
+
+
+def recorded_keys(cfg: NeoXConfig) -> dict[str, Any]:
+    """The config keys that decide memory (model, layout, batch, precision, kernels), all explicit, so a memory
+    measurement recorded with them stays meaningful if a default changes (benchmarks/results/)."""
+    from megatron.config import schema
+
+    keys = [k for sec in (schema.ModelArgs, schema.ParallelArgs, schema.TrainingArgs, schema.KernelArgs)
+            for k in sec.model_fields]
+    dumped = cfg.model_dump(mode="json")
+    return {k: dumped[k] for k in keys if dumped.get(k) is not None}
+
+
+def config_from_keys(config_dict: dict[str, Any]) -> NeoXConfig:
+    """A NeoXConfig from YAML-style keys (aliases normalised, keys the schema does not know dropped), unvalidated
+    beyond the schema's types: what the planner needs from a recorded or generated config."""
+    from megatron.config.loader import _normalise
+
+    raw = {k: v for k, v in _normalise(dict(config_dict)).items() if k in NeoXConfig.model_fields}
+    return NeoXConfig(**raw)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -773,9 +797,10 @@ def candidate_layouts(cfg: NeoXConfig, base: Layout, gpus: int, per_node: int, k
 
 def distance(a: Layout, b: Layout) -> float:
     """How far a layout is from the configured one: one unit per doubling/halving of TP, PP or micro-batch, and
-    per switch of checkpointing; partitioning is a cheap switch."""
+    per switch of checkpointing; partitioning and selective recompute are cheap switches."""
     return (abs(math.log2(a.tp / b.tp)) + abs(math.log2(a.pp / b.pp)) + 0.5 * abs(math.log2(a.micro / b.micro))
-            + (a.checkpoint != b.checkpoint) + 0.25 * (a.partition != b.partition))
+            + (a.checkpoint != b.checkpoint) + 0.25 * (a.partition != b.partition)
+            + 0.25 * (a.selective != b.selective))
 
 
 MAX_SEARCH_GPUS = 16384
@@ -886,7 +911,9 @@ def format_plan(plan: Plan, title: str = "") -> str:
         f"{plan.tokens_per_step:,} tokens = {plan.flops_per_step:.3e} per step",
         f"  bubble      (PP-1)/(GAS+PP-1) = {lay.pp - 1}/{lay.gas + lay.pp - 1} = {100 * plan.bubble:.1f}% of each step",
         f"  recompute   x{plan.recompute_factor:.2f} GPU work per model FLOP"
-        + (" (selective checkpointing replays only pointwise ops)" if lay.selective
+        + (" (selective checkpointing replays pointwise ops and FlexAttention)" if lay.selective
+           and plan.precision.attention == "flex"
+           else " (selective checkpointing replays only pointwise ops)" if lay.selective
            else " (checkpointing repeats each layer's forward)" if lay.checkpoint else " (no checkpointing)"),
         f"  assumed     {plan.tflops:.1f} TFLOP/s per GPU while computing ({100 * plan.tflops / gpu.peak_tflops:.0f}% "
         f"of peak)",

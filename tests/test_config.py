@@ -114,6 +114,8 @@ MALFORMED = [
     ({"recompute_granularity": "selective", "checkpoint_activations": True, "partition_activations": True},
      "recompute_granularity", "partition_activations"),
     ({"recompute_granularity": "some"}, "recompute_granularity", "selective"),
+    ({"recompute_granularity": "selective", "checkpoint_activations": True, "hidden_dropout": 0.1},
+     "recompute_granularity", "dropout"),
     # run length and per-epoch replay (docs/replay.md)
     ({"train_iters": None}, "train_iters", "required"),
     ({"train_epochs": 2.5}, "train_iters,train_epochs", "not both"),

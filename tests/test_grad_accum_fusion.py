@@ -150,6 +150,26 @@ def test_embedding_scatters_its_gradient_into_main_grad(single_rank):
     assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
 
 
+@pytest.mark.distributed
+def test_embedding_at_tp2_masks_the_other_ranks_tokens_out_of_main_grad():
+    """Two gloo ranks each holding half the vocabulary (tests/distributed/tp_embedding_worker.py): the fused
+    embedding's output equals megatron-core's and the full table's, and each rank's main_grad is the fp32 sum
+    over its own tokens only, row 0 (where the other rank's tokens are looked up and masked) included."""
+    import os
+    import subprocess
+
+    from conftest import free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "distributed" / "tp_embedding_worker.py")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for rank, (proc, out) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0 and f"rank {rank}: ok" in out, out[-3000:]
+
+
 def metrics(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "train/loss" in r]

@@ -256,6 +256,30 @@ def test_a_layout_that_does_not_fit_gets_a_suggestion_that_fits(capsys):
     assert best.checkpoint  # the one-key change: turn checkpointing back on
 
 
+def test_suggestions_for_a_selective_config_are_configs_the_validator_accepts():
+    """Selective recompute needs checkpointing and no partitioning: a suggestion that turns partitioning on must
+    also say `recompute_granularity: full`, or following it gives a config deepy.py refuses."""
+    import yaml
+
+    from megatron.config.validate import _parallel
+
+    # Selective keeps the matmul outputs: at TP 8 two sequences per micro-batch overflow a 64 GB GCD.
+    cfg = load("astrosage70b_cpt.yml").config.model_copy(update={
+        "recompute_granularity": "selective", "partition_activations": False, "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 8})
+    assert not _parallel(cfg, 2048)
+    plan = planning.make_plan(cfg, gpu="mi250x")
+    assert plan.layout.selective and not plan.fits
+    found, _ = planning.suggest(cfg, plan)
+    changes = cli_main().__globals__["_changes"]  # tools/plan.py: the "set:" line of each suggestion
+    assert {p.layout.selective for p in found} == {True, False}  # both kinds of way out are offered here
+    for p in found:
+        keys = yaml.safe_load("{" + ", ".join(changes(p.layout, plan.layout)) + "}")
+        followed = cfg.model_copy(update=keys)
+        assert not _parallel(followed, 2048), (p.layout.describe(), keys)
+        assert planning.layout_of(followed, 2048) == p.layout
+
+
 def test_a_model_too_big_for_its_gpus_is_told_how_many_it_needs():
     cfg = load("llama3.1-70b.yml").config  # a preset alone: one GPU, which 70B cannot fit in any layout
     plan = planning.make_plan(cfg, gpu="h100")
@@ -314,3 +338,15 @@ def test_selective_recompute_trades_memory_for_no_matmul_recompute():
     # Without checkpointing there is nothing to be selective about: the key changes nothing.
     off = planning.make_plan(selective.model_copy(update={"checkpoint_activations": False}), gpus=8)
     assert not off.layout.selective
+    # Document masking runs compiled FlexAttention on the GPU, which the policy cannot see: attention is not kept
+    # but recomputed, a third of its 12 L h s FLOPs per token again.
+    flex_plan = planning.make_plan(selective.model_copy(update={"reset_attention_mask": True}), gpus=8)
+    assert flex_plan.precision.attention == "flex"
+    sh = flex_plan.shape
+    attention_forward = 4 * sh.layers * sh.hidden * sh.seq
+    assert flex_plan.recompute_factor == pytest.approx(1 + attention_forward / flex_plan.flops_per_token)
+    (flex,) = flex_plan.stages
+    attn_kept = planning.selective_kept_bytes(shape, layout.tp, layout.micro, 2) - planning.selective_kept_bytes(
+        shape, layout.tp, layout.micro, 2, "flex")
+    assert attn_kept > 0
+    assert sel.act_stored - flex.act_stored == pytest.approx(flex.in_flight * shape.layers * attn_kept)

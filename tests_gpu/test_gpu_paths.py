@@ -145,8 +145,10 @@ def test_fused_embedding_gradient_is_exact_and_deterministic_on_cuda():
 @pytest.mark.parametrize("documents", [False, True], ids=["causal", "document-masked"])
 def test_selective_recompute_matches_no_checkpointing_on_cuda(documents):
     """recompute_granularity: selective on the GPU path (bf16, cuDNN attention or FlexAttention for packed
-    documents, torch.compile'd pointwise ops, which run eagerly inside the recompute policy's dispatch mode): one
-    layer's output and gradients match the un-checkpointed layer to bf16 rounding."""
+    documents, torch.compile'd pointwise ops): the input and weight gradients match the un-checkpointed layer to
+    bf16 rounding. torch's checkpoint modes ignore compiled code, so the compiled pointwise ops and compiled
+    FlexAttention run compiled, unseen by the policy, and are recomputed whole (the planner prices FlexAttention's
+    recompute); cuDNN attention and the matmuls are kept."""
     import socket
 
     from megatron.model import recompute

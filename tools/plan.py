@@ -47,6 +47,8 @@ def _changes(new: planning.Layout, old: planning.Layout) -> list[str]:
         keys.append(f"checkpoint_activations: {str(new.checkpoint).lower()}")
     if new.partition != old.partition:
         keys.append(f"partition_activations: {str(new.partition).lower()}")
+    if new.selective != old.selective:  # the config refuses selective without checkpointing or with partitioning
+        keys.append(f"recompute_granularity: {'selective' if new.selective else 'full'}")
     if new.gpus != old.gpus:
         keys.append(f"num_gpus x num_nodes = {new.gpus}")
     return keys
@@ -70,18 +72,6 @@ def format_suggestions(plan: planning.Plan, found: list[planning.Plan], more_gpu
 
 
 RECORDS = os.path.join(REPO_ROOT, "benchmarks", "results", "memory_measurements.json")
-
-
-def recorded_keys(cfg) -> dict:
-    """The config keys that decide memory (model, layout, batch, precision, kernels), all explicit, so a record
-    stays meaningful if a default changes."""
-    from megatron.config import schema
-
-    sections = [schema.ModelArgs, schema.ParallelArgs, schema.TrainingArgs]
-    sections += [getattr(schema, "KernelArgs")] if hasattr(schema, "KernelArgs") else []
-    keys = [k for sec in sections for k in sec.model_fields]
-    dumped = cfg.model_dump(mode="json")
-    return {k: dumped[k] for k in keys if dumped.get(k) is not None}
 
 
 def code_version() -> str:
@@ -205,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         print(format_suggestions(plan, found, more_gpus))
     if args.measure:
         result = measure(cfg)
-        predicted = planning.predict_peak_gib(recorded_keys(cfg), 1)
+        predicted = planning.predict_peak_gib(planning.recorded_keys(cfg), 1)
         err = 100 * (predicted / result["measured_peak_gib"] - 1)
         print(f"\nMeasured on {result['device']}: peak {result['measured_peak_gib']:.2f} GiB allocated "
               f"(reserved {result['measured_reserved_gib']:.2f}, device {result['measured_device_gib']:.2f}); "
               f"predicted {predicted:.2f} GiB ({err:+.1f}%)")
         if args.record:
-            record = {"config": recorded_keys(cfg), **result, "world_size": 1,
+            record = {"config": planning.recorded_keys(cfg), **result, "world_size": 1,
                       "predicted_peak_gib": round(predicted, 3), "date": datetime.date.today().isoformat(),
                       "source": "tools/plan.py --measure " + " ".join(args.configs)}
             records = json.load(open(args.record)) if os.path.exists(args.record) else []

@@ -153,6 +153,12 @@ def _parallel(cfg: "NeoXConfig", world: Optional[int]) -> list[ConfigIssue]:
                                   "cannot shard the kept activations over TP (partition_activations uses "
                                   "DeepSpeed's)", "set partition_activations: false, or recompute_granularity: full",
                                   "selective"))
+    if cfg.recompute_granularity == "selective" and (cfg.hidden_dropout or cfg.attention_dropout):
+        issues.append(ConfigIssue("recompute_granularity", "selective recompute keeps fused attention's output, "
+                                  "which on the GPU also drew attention dropout's random numbers; a dropout "
+                                  "replayed after it would draw a different mask (wrong gradients)",
+                                  "set hidden_dropout: 0 and attention_dropout: 0 (Llama's), or "
+                                  "recompute_granularity: full", "selective"))
     if cfg.partition_activations and not cfg.checkpoint_activations:
         issues.append(ConfigIssue("partition_activations", "only applies to checkpointed activations",
                                   "set checkpoint_activations: true, or partition_activations: false", True))

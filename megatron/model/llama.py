@@ -67,6 +67,8 @@ def layer_specs(cfg: LlamaConfig) -> list[LayerSpec]:
 
 def _checkpoint_function(cfg: LlamaConfig, layout: ParallelLayout):
     if cfg.partition_activations:
+        if cfg.recompute_granularity == "selective":  # the config refuses this; a hand-built LlamaConfig may not
+            raise ValueError("recompute_granularity: selective cannot be combined with partition_activations")
         import deepspeed
 
         # DeepSpeed's checkpointing splits each saved layer input over the TP ranks (which hold it replicated)

@@ -42,15 +42,33 @@ KEEP = _ops(
     # in-place collectives (torch.distributed.all_reduce): see the module docstring
     "c10d.allreduce_.default",
 )
+# Without these the policy would silently recompute matmuls, or sum the TP ranks twice: refuse to run instead.
+MISSING = [name for name in ("aten.mm.default", "c10d.allreduce_.default") if not any(str(op) == name for op in KEEP)]
 
 
 def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in KEEP:
+        return CheckpointPolicy.MUST_SAVE
+    if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+        # A random op to be replayed (dropout): a kept attention kernel with dropout (flash, cuDNN) is not
+        # replayed, so the generator would stand elsewhere and the replayed mask differ from the forward's:
+        # silently wrong gradients. The config refuses dropout with selective recompute (validate.py); this
+        # stops a model built around the config.
+        raise RandomOpError(f"selective recompute met a random op ({op}): set hidden_dropout and "
+                            f"attention_dropout to 0, or use recompute_granularity: full")
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class RandomOpError(RuntimeError):
+    pass
 
 
 def checkpoint_selective(fn, *args):
     """torch's non-reentrant checkpoint of `fn(*args)` under the keep-matmuls policy (DeepSpeed's PipelineModule
     calls this as its activation_checkpoint_func for each chunk of checkpoint_num_layers layers)."""
+    if MISSING:
+        raise RuntimeError(f"selective recompute needs {', '.join(MISSING)}, which this torch build lacks: use "
+                           f"recompute_granularity: full")
     return checkpoint(fn, *args, use_reentrant=False,
                       context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
 

@@ -11,6 +11,7 @@ cache of its own, out of the hooks' sight, so its test counts the storages still
 import gc
 from dataclasses import replace
 
+import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -108,3 +109,31 @@ def test_selective_recompute_keeps_matmul_outputs_and_the_exact_gradients(single
     cfg = config(True)
     assert kept_sel - kept_full == cfg.num_layers * planning.selective_kept_bytes(shape, 1, BATCH, 4)
     assert kept_full < kept_sel < 0.7 * kept_off
+
+
+def test_the_ops_selective_recompute_cannot_do_without_exist():
+    """If torch renamed the matmul or the in-place all-reduce, the policy would silently recompute every matmul or
+    sum the TP ranks twice; recompute.MISSING names them and checkpoint_selective refuses to run."""
+    from megatron.model import recompute
+
+    assert recompute.MISSING == []
+    assert torch.ops.c10d.allreduce_.default in recompute.KEEP and torch.ops.aten.mm.default in recompute.KEEP
+
+
+def test_selective_recompute_refuses_dropout(single_rank):
+    """On the GPU a kept fused attention kernel draws attention dropout's random numbers and is not replayed, so a
+    replayed hidden dropout after it would draw a different mask than the forward did: silently wrong gradients
+    (on CPU attention with dropout is the math path, whose dropout replays in order, so this cannot be shown by
+    comparing gradients here). The config refuses it (tests/test_config.py); a model built around the config
+    stops at the first random op instead of training on wrong gradients."""
+    from megatron.model.recompute import RandomOpError
+
+    tokens = torch.randint(0, 512, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    for dropout in ({"hidden_dropout": 0.1}, {"attention_dropout": 0.1}):
+        cfg = replace(config(True), recompute_granularity="selective", **dropout)
+        model = build_model(cfg, single_rank).train()
+        with pytest.raises(RandomOpError, match="hidden_dropout and attention_dropout to 0"):
+            model(tokens[:, :-1])
+        model.eval()  # no dropout outside training: evaluation under selective checkpointing is fine
+        with torch.no_grad():
+            model(tokens[:, :-1])
