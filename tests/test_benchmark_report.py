@@ -87,3 +87,21 @@ def test_measured_peaks_become_records_the_planner_test_reads(bench, tmp_path):
     assert planning.predict_peak_gib(json.loads(json.dumps(record["config"])), 1) == planning.predict_peak_gib(
         config, 1)
     assert record["measured_peak_gib"] == 40.0 and record["device"] == "NVIDIA H100 80GB HBM3"
+
+
+def test_every_benchmark_config_passes_the_launchers_checks(bench, tmp_path):
+    """A GPU call is short: a run the validator would refuse must fail here, not there. Each shape x variant's
+    config, as run_ours writes it, goes through the config loader's full validation (what deepy.py does first)."""
+    import yaml
+
+    for shape in bench.SHAPES:
+        for variant in bench.VARIANTS:
+            path = tmp_path / f"{shape}_{variant}.yml"
+            path.write_text(yaml.safe_dump({**bench.our_config(shape, variant), "train_iters": 8,
+                                            "split": "100,0,0", "run_dir": str(tmp_path / "run")}))
+            cfg = planning.load_for_planning([str(path)]).config  # raises ConfigError naming file and key
+            assert cfg.resolved_precision == "bf16" and cfg.zero_optimization.stage == 1, (shape, variant)
+            fused = planning.precision_of(cfg).grads_fused
+            assert fused == ("fusedgrad" in variant), (shape, variant)
+            assert planning.layout_of(cfg, 1).selective == (variant.endswith("selective")
+                                                             and shape in bench.NEEDS_CHECKPOINTING)

@@ -156,11 +156,13 @@ def test_embedding_at_tp2_masks_the_other_ranks_tokens_out_of_main_grad():
     embedding's output equals megatron-core's and the full table's, and each rank's main_grad is the fp32 sum
     over its own tokens only, row 0 (where the other rank's tokens are looked up and masked) included."""
     import os
+    import socket
     import subprocess
 
-    from conftest import free_port
-
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "distributed" / "tp_embedding_worker.py")],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
