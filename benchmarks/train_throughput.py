@@ -143,7 +143,7 @@ def run_ours(shape: str, variant: str, data: Path, steps: int, work: Path, extra
         return {**head, "error": (proc.stdout + proc.stderr)[-3000:]}
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/tokens_per_s" in r]
-    return {**head, "tokens_per_s": steady([r["train/tokens_per_s"] for r in train], 3),
+    return {**head, "steps": steps, "tokens_per_s": steady([r["train/tokens_per_s"] for r in train], 3),
             "tflops": steady([r["train/tflops_per_gpu"] for r in train], 3),
             "peak_gib": max(r["train/peak_mem_gib"] for r in train), "wall_s": time.perf_counter() - t,
             "final_loss": train[-1]["train/loss"]}
@@ -233,7 +233,7 @@ def memory_records(rows: list[dict], commit: str) -> list[dict]:
         keys = planning.recorded_keys(planning.config_from_keys(r["config"]))
         out.append({"config": keys, "measured_peak_gib": round(r["peak_gib"], 3),
                     "metric": "torch.cuda.max_memory_allocated", "device": r["device"], "torch": r["torch"],
-                    "steps": r["config"].get("train_iters"), "world_size": 1,
+                    "steps": r.get("steps"), "world_size": 1,
                     "predicted_peak_gib": round(planning.predict_peak_gib(keys, 1), 3), "date": r["date"],
                     "commit": commit, "source": f"benchmarks/train_throughput.py, shape {r['shape']}, variant "
                                                 f"{r['variant']} (peak of the trainer's peak_mem_gib over the run)"})

@@ -75,7 +75,7 @@ def test_calls_merge_into_one_table_each_row_against_its_own_peak(bench):
 
 def test_measured_peaks_become_records_the_planner_test_reads(bench, tmp_path):
     config = bench.our_config("8b-4l", "fast-fusedgrad")
-    measured = row("ours", "8b-4l", "fast-fusedgrad", 600.0, config={**config, "train_iters": 8})
+    measured = row("ours", "8b-4l", "fast-fusedgrad", 600.0, config=config, steps=8)
     rows = bench.merge([call(780.0, [measured, row("hf", "8b-4l", "sdpa", 460.0)])])
     (record,) = bench.memory_records(rows, commit="abc1234")
     # Every key that decides memory is written out, so the record means the same if a default changes later ...
@@ -87,6 +87,7 @@ def test_measured_peaks_become_records_the_planner_test_reads(bench, tmp_path):
     assert planning.predict_peak_gib(json.loads(json.dumps(record["config"])), 1) == planning.predict_peak_gib(
         config, 1)
     assert record["measured_peak_gib"] == 40.0 and record["device"] == "NVIDIA H100 80GB HBM3"
+    assert record["steps"] == 8 and record["commit"] == "abc1234"
 
 
 def test_every_benchmark_config_passes_the_launchers_checks(bench, tmp_path):
