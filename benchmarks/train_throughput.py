@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -40,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from megatron import planning  # noqa: E402
 
 SHAPES = {
     # Llama-3.1-8B width, cut to a few layers so one GPU holds weights, fp32 master and Adam state.
@@ -111,8 +112,6 @@ def our_config(shape: str, variant: str, extra: dict | None = None) -> dict:
 def planned_gib(cfg: dict) -> dict:
     """The planner's peak for a one-GPU run: allocated (what the trainer's peak_mem_gib reports) and device
     (with the caching allocator's slack, the CUDA context and communicator buffers)."""
-    from megatron import planning
-
     return {what: round(planning.predict_peak_gib(cfg, 1, what=what), 2) for what in ("allocated", "device")}
 
 
@@ -125,10 +124,11 @@ def run_ours(shape: str, variant: str, data: Path, steps: int, work: Path, extra
     import yaml
 
     run_dir = work / f"ours_{shape}_{variant}"
-    cfg = {**our_config(shape, variant, extra), "train_iters": steps, "data_path": str(data), "split": "100,0,0",
-           "run_dir": str(run_dir), "data_cache_dir": str(work / "cache")}
-    planned = planned_gib(our_config(shape, variant, extra))
-    head = {"who": "ours", "shape": shape, "variant": variant, "config": our_config(shape, variant, extra),
+    keys = our_config(shape, variant, extra)
+    cfg = {**keys, "train_iters": steps, "data_path": str(data), "split": "100,0,0", "run_dir": str(run_dir),
+           "data_cache_dir": str(work / "cache")}
+    planned = planned_gib(keys)
+    head = {"who": "ours", "shape": shape, "variant": variant, "config": keys,
             "planned_gib": planned["allocated"], "planned_device_gib": planned["device"]}
     if device_gib is not None and not predicted_to_fit(planned, device_gib):
         return {**head, "skipped": f"planner: {planned['device']:.1f} GiB on the device > {device_gib:.1f} GiB"}
@@ -224,8 +224,6 @@ def merge(calls: list[dict]) -> list[dict]:
 
 def memory_records(rows: list[dict], commit: str) -> list[dict]:
     """Our measured rows as records for benchmarks/results/memory_measurements.json (tests/test_plan.py)."""
-    from megatron import planning
-
     out = []
     for r in rows:
         if r["who"] != "ours" or "peak_gib" not in r:
@@ -255,18 +253,8 @@ def report(rows: list[dict], append: bool, record: bool, commit: str) -> str:
                     f"matmul peak measured in the row's own call; 'planned' is tools/plan.py's prediction of the "
                     f"peak (its error against the measured peak in brackets).\n\n{text}\n")
     if record:
-        path = ROOT / "benchmarks" / "results" / "memory_measurements.json"
-        records = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(records + memory_records(rows, commit), indent=1) + "\n")
+        planning.append_memory_records(memory_records(rows, commit))
     return text
-
-
-def code_version() -> str:
-    """$GIT_COMMIT if set (the GPU machine's copy of the tree may carry a stale .git), else git describe."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    proc = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
-    return proc.stdout.strip() or "unknown"
 
 
 def main() -> None:
@@ -290,7 +278,7 @@ def main() -> None:
 
     if args.report_from:
         rows = merge([json.loads(Path(f).read_text()) for f in args.report_from])
-        print(report(rows, args.report, args.record_memory, code_version()))
+        print(report(rows, args.report, args.record_memory, planning.code_version()))
         return
 
     import torch
@@ -303,8 +291,9 @@ def main() -> None:
     gpu_tests = "not run (--skip-gpu-tests)" if args.skip_gpu_tests else run_gpu_tests()
     print(f"GPU-only tests (tests_gpu/): {gpu_tests}", flush=True)
     data = ensure_tokens(work / "data" / "pydocs")
+    extra = json.loads(args.extra)
     call = {"device": device, "torch": torch.__version__, "python": platform.python_version(), "peak_tflops": peak,
-            "date": time.strftime("%Y-%m-%d"), "gpu_tests": gpu_tests, "commit": code_version(), "rows": []}
+            "date": time.strftime("%Y-%m-%d"), "gpu_tests": gpu_tests, "commit": planning.code_version(), "rows": []}
 
     def add(row: dict) -> None:
         call["rows"].append(row)
@@ -317,12 +306,12 @@ def main() -> None:
             add(run_peer(shape, args.steps))
         seen: dict[str, str] = {}  # config -> the variant that ran it: where a shape is not checkpointed,
         for variant in args.variants.split(","):  # the selective variant is the fused one again
-            key = json.dumps(our_config(shape, variant, json.loads(args.extra)), sort_keys=True)
+            key = json.dumps(our_config(shape, variant, extra), sort_keys=True)
             if key in seen:
                 add({"who": "ours", "shape": shape, "variant": variant, "skipped": f"the same config as {seen[key]}"})
                 continue
             seen[key] = variant
-            add(run_ours(shape, variant, data, args.steps, work, json.loads(args.extra), device_gib))
+            add(run_ours(shape, variant, data, args.steps, work, extra, device_gib))
     print(report(merge([call]), args.report, args.record_memory, call["commit"]))
 
 

@@ -12,11 +12,16 @@ Units: bytes inside, GiB (2**30) in every printed figure.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from megatron import grad_accum_fusion
+from megatron.model import doc_mask
 from megatron.config.schema import NeoXConfig
 
 GIB = 2**30
@@ -163,8 +168,7 @@ def layout_of(cfg: NeoXConfig, gpus: int) -> Layout:
 
 
 def _selective(cfg: NeoXConfig, checkpoint: bool) -> bool:
-    # getattr: recompute_granularity is newer than this module's first version.
-    return checkpoint and getattr(cfg, "recompute_granularity", "full") == "selective"
+    return checkpoint and cfg.recompute_granularity == "selective"
 
 
 # ------------------------------------------------------------------------------------------------ pipeline stages
@@ -291,8 +295,8 @@ def precision_of(cfg: NeoXConfig) -> Precision:
     name = cfg.precision or ("fp32" if cfg.bf16 is not None and not cfg.bf16.enabled else "bf16")
     # getattr: the kernel keys are newer than this module's first version; without them the layers are unfused.
     attention = str(getattr(cfg, "attention_backend", "auto"))
-    if getattr(cfg, "reset_attention_mask", False) and attention != "math" and not cfg.attention_dropout:
-        attention = "flex"  # document masking on a GPU runs compiled FlexAttention (megatron/model/doc_mask.py)
+    if cfg.reset_attention_mask and doc_mask.flex_applies(attention, cfg.attention_dropout):
+        attention = "flex"  # document masking on a GPU runs compiled FlexAttention
     return Precision(name, cfg.data_types.grad_accum_dtype, cfg.zero_optimization.stage,
                      fused=bool(getattr(cfg, "fuse_pointwise", False)), attention=attention,
                      fused_grads=bool(getattr(cfg, "gradient_accumulation_fusion", False)))
@@ -475,10 +479,10 @@ class Plan:
         """GPU work per model FLOP: activation checkpointing runs each transformer layer's forward twice, i.e.
         adds a third of the layers' 6N + 12Lhs (2 N_layers + 4 L h s per token; the output layer is not
         recomputed)."""
-        sh = self.shape
-        attention_forward = 4 * sh.layers * sh.hidden * sh.seq
         if not self.layout.checkpoint:
             return 1.0
+        sh = self.shape
+        attention_forward = 4 * sh.layers * sh.hidden * sh.seq
         if self.layout.selective:  # selective replays only pointwise ops, and compiled FlexAttention (not kept)
             return 1 + (attention_forward if self.precision.attention == "flex" else 0) / self.flops_per_token
         layer_matmuls = sh.layers * (sh.attn_params() + sh.mlp_params())
@@ -696,6 +700,30 @@ def predict_peak_gib(config_dict: dict[str, Any], world_size: int, what: str = "
     if what == "device":
         return device_bytes(peak) / GIB
     raise ValueError(f"what must be allocated, reserved or device, not {what!r}")
+
+
+# ------------------------------------------------------------------------------------- measurement records
+# GPU peaks measured by tools/plan.py --measure and benchmarks/train_throughput.py; tests/test_plan.py holds the
+# planner to them.
+MEMORY_RECORDS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory_measurements.json"
+
+
+def append_memory_records(records: list[dict[str, Any]], path: Path | str = MEMORY_RECORDS) -> None:
+    path = Path(path)
+    existing = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(existing + records, indent=1) + "\n")
+
+
+def code_version() -> str:
+    """The commit the measured code is at (a record is only evidence for the model code it ran): $GIT_COMMIT if
+    set (copies of the tree, such as the GPU machine's, may carry a stale .git), else git's answer."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=MEMORY_RECORDS.parents[2],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def recorded_keys(cfg: NeoXConfig) -> dict[str, Any]:

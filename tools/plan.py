@@ -71,21 +71,7 @@ def format_suggestions(plan: planning.Plan, found: list[planning.Plan], more_gpu
     return "\n".join(lines)
 
 
-RECORDS = os.path.join(REPO_ROOT, "benchmarks", "results", "memory_measurements.json")
-
-
-def code_version() -> str:
-    """The commit the measured code is at (a record is only evidence for the model code it ran): $GIT_COMMIT if
-    set (copies of the tree, such as the GPU machine's, may carry a stale .git), else git's answer."""
-    import subprocess
-
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+RECORDS = str(planning.MEMORY_RECORDS)
 
 
 def measure(cfg, steps: int = 3) -> dict:
@@ -140,7 +126,7 @@ def measure(cfg, steps: int = 3) -> dict:
         "torch": torch.__version__,
         "steps": steps,
         "step_seconds": round(seconds[-1], 3),
-        "commit": code_version(),
+        "commit": planning.code_version(),
     }
 
 
@@ -204,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             record = {"config": planning.recorded_keys(cfg), **result, "world_size": 1,
                       "predicted_peak_gib": round(predicted, 3), "date": datetime.date.today().isoformat(),
                       "source": "tools/plan.py --measure " + " ".join(args.configs)}
-            records = json.load(open(args.record)) if os.path.exists(args.record) else []
-            with open(args.record, "w") as f:
-                json.dump(records + [record], f, indent=1)
-                f.write("\n")
+            planning.append_memory_records([record], args.record)
             print(f"recorded in {args.record}")
     return 1 if args.strict and not plan.fits else 0
 

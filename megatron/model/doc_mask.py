@@ -109,8 +109,13 @@ def block_mask(doc_ids: torch.Tensor, compiled: bool):
     return _memo(doc_ids, ("block_mask", compiled), make)
 
 
+def flex_applies(backend: str, dropout_p: float) -> bool:
+    """Whether document-masked attention on a GPU is FlexAttention (tools/plan.py prices it by the same rule)."""
+    return backend != "math" and dropout_p == 0.0
+
+
 def use_flex(q: torch.Tensor, backend: str, dropout_p: float) -> bool:
-    return q.is_cuda and backend != "math" and dropout_p == 0.0
+    return q.is_cuda and flex_applies(backend, dropout_p)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, *, dropout_p: float,
