@@ -1,6 +1,7 @@
 """megatron/ is a namespace package shared with megatron-core: both must import together."""
 
 import importlib
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,3 +22,14 @@ def test_no_top_level_init_and_no_shadowing_of_megatron_core_packages():
     assert not (ROOT / "megatron" / "__init__.py").exists()
     for reserved in ("core", "training", "inference", "legacy", "rl", "post_training"):
         assert not (ROOT / "megatron" / reserved).exists(), reserved
+
+
+def test_cpu_ranks_skip_deepspeeds_shared_memory_op(single_rank):
+    """On CPU, DeepSpeed's backend would JIT-compile its inference all-reduce op and leave a /dev/shm buffer per
+    rank; the layout stops the build (megatron/parallel/layout.py). If DeepSpeed moves the function, fail here."""
+    import glob
+
+    ds_comm = importlib.import_module("deepspeed.comm.comm")
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*")

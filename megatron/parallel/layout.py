@@ -6,6 +6,7 @@ agree on which rank holds which (pipe, data, tensor) coordinate. Everything else
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -76,6 +77,7 @@ class ParallelLayout:
         from megatron.core import parallel_state, tensor_parallel
 
         if not dist.is_initialized():
+            _skip_cpu_inference_allreduce_op()
             deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -84,7 +86,6 @@ class ParallelLayout:
                 tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp
             )
         self.check_all_ranks_agree(verbose)
-        _release_cpu_shm_buffer(self.rank)
         self._create_kv_groups(num_kv_heads)
         # Dropout inside TP regions must differ across TP ranks and agree across DP ranks: megatron-core's tracker.
         if torch.cuda.is_available():
@@ -183,19 +184,18 @@ def kv_group():
     return _GROUPS.get("kv")
 
 
-def _release_cpu_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU backend maps a 66 MiB /dev/shm buffer per rank for its inference all-reduce (training never
-    uses it) and never removes it, so every CPU run would leave them behind until /dev/shm has eaten the RAM. By now
-    every rank has mapped its peers' buffers (the all-gather above ran after DeepSpeed's init on every rank), so the
-    name can go: the memory is released when the processes exit, even when they are killed."""
+def _skip_cpu_inference_allreduce_op() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce op.
+
+    On CPU, `deepspeed.init_distributed` JIT-compiles a C++ op (about a minute on 2 cores, the first time on each
+    machine, and only where a C++ compiler exists) and maps a 66 MiB /dev/shm buffer per rank that it never removes.
+    The op serves DeepSpeed's inference all-reduce alone; training reduces through torch.distributed (gloo), so the
+    build buys nothing here. DeepSpeed has no switch for it, hence the patch of its builder (pinned 0.19.x;
+    tests/test_imports.py fails if the function moves, rather than the compile silently coming back)."""
     if torch.cuda.is_available():
         return
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    try:
-        os.unlink(name)
-    except OSError:  # not created (a single rank, or DeepSpeed built without the op)
-        pass
+    # By module name: the package attribute `deepspeed.comm.torch` is torch itself, not this module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def single_process_layout(backend: str = "gloo", seed: int = 1234, port: Optional[int] = None) -> ParallelLayout:
