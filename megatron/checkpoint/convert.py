@@ -323,8 +323,8 @@ def resolve_tag(input_dir: Path, iteration: Optional[int] = None, log: Callable[
             log(f"warning: {w.message}")
         return input_dir / tag
     # Checkpoints written before the trainer wrote neox_meta.json: newest tag with its config.yml.
-    legacy = sorted((p for p in input_dir.glob("global_step*") if (p / "config.yml").is_file()
-                     and (p / metadata.layer_file(0, 0)).is_file()), key=lambda p: metadata.tag_iteration(p.name))
+    legacy = [p for p in metadata.step_dirs(input_dir)
+              if (p / "config.yml").is_file() and (p / metadata.layer_file(0, 0)).is_file()]
     if legacy:
         log(f"warning: {legacy[-1]} has no {metadata.META_NAME} (an older trainer, or an interrupted save); "
             "its files are checked one by one")

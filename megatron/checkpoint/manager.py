@@ -27,6 +27,9 @@ from megatron.config.schema import NeoXConfig
 from megatron.model.config import LlamaConfig
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+# Keys that change what the same weights compute: a config left at the schema defaults (RoPE theta 10000, no
+# llama3 scaling) would otherwise train a converted Llama-3.1 with the wrong positions, without a word.
+POSITION_KEYS = ("rotary_emb_base", "rope_scaling", "rms_norm_epsilon")
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "lr_decay_style", "decay_iters")
 
 
@@ -105,6 +108,11 @@ class CheckpointManager:
             meta["schedule"] = schedule_meta(cfg)
             meta["tokens_seen"] = consumed_samples * cfg.seq_length
             meta["skipped_steps"] = int(getattr(self.engine, "skipped_steps", 0))
+            meta["save_serial"] = metadata.next_save_serial(root)
+            later = [t for t in metadata.complete_tags(root) if metadata.tag_iteration(t) > iteration]
+            if later:
+                self.log(f"note: {root} also holds later steps of an earlier run ({', '.join(later)}); `latest` "
+                         f"now names {tag}, and a resume follows it, not the higher step numbers")
             metadata.write_meta(tag_dir, meta)
             metadata.write_latest(root, tag)
             self._prune(root)
@@ -117,7 +125,7 @@ class CheckpointManager:
         keep = self.cfg.keep_last_n_checkpoints
         if not keep:
             return
-        for old in metadata.complete_tags(root)[:-keep]:
+        for old in metadata.tags_in_save_order(root)[:-keep]:  # the last saves, not the highest steps
             # Drop the marker first: a prune cut short leaves an incomplete folder, never a half-deleted "complete" one.
             (root / old / metadata.META_NAME).unlink(missing_ok=True)
             shutil.rmtree(root / old, ignore_errors=True)
@@ -144,8 +152,8 @@ class CheckpointManager:
                 path, _ = self.engine.load_checkpoint(
                     str(root), tag=tag, load_optimizer_states=not weights_only, load_lr_scheduler_states=False,
                     load_module_only=weights_only)
-            except RuntimeError as e:
-                raise CheckpointMismatchError(f"checkpoint {tag_dir} could not be loaded: {e}") from None
+            except Exception as e:  # DeepSpeed's errors rarely say which file; find it before giving up
+                raise CheckpointMismatchError(_load_failure(tag_dir, e)) from None
             if path is None:
                 raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {tag_dir}")
         else:
@@ -165,7 +173,11 @@ class CheckpointManager:
             self.engine.skipped_steps = int(meta.get("skipped_steps", 0))
             rng_path = tag_dir / f"rng_state_{self.rank:05d}.pt"
             if same_layout and src["dp"] == lay.dp and rng_path.exists():
-                rng.restore(torch.load(rng_path, weights_only=False))
+                try:
+                    rng.restore(torch.load(rng_path, weights_only=False))
+                except Exception as e:
+                    raise CheckpointMismatchError(f"{rng_path} cannot be read ({type(e).__name__}: {e}): the "
+                                                  "file is corrupt; load an earlier checkpoint") from None
             elif rng_path.exists():
                 self.log("RNG states not restored (the layout changed; streams are per rank)")
         self.log(f"loaded {tag_dir} (" + ("weights only, new run at step 0" if finetune else
@@ -183,6 +195,18 @@ class CheckpointManager:
                 f"checkpoint {tag_dir} holds a model of shape {_describe(saved)}, but the config builds "
                 f"{_describe(ours)} (different: {', '.join(diff)}). Load a checkpoint of this shape, or set the "
                 f"model keys to the checkpoint's (a converted checkpoint has them in model.yml).")
+        changed = [f"{k}: {saved[k]} -> {ours[k]}" for k in POSITION_KEYS if k in saved and saved[k] != ours[k]]
+        if not changed:
+            return
+        if self.cfg.finetune:  # a new run from these weights may change RoPE on purpose (context extension)
+            self.log(f"note: the config changes what checkpoint {tag_dir} was trained with ({'; '.join(changed)}); "
+                     "finetune: true starts a new run from these weights with the config's values")
+            return
+        raise CheckpointMismatchError(
+            f"checkpoint {tag_dir} was trained with other RoPE / norm settings than the config's "
+            f"({'; '.join(changed)}). Set these keys to the checkpoint's (a converted checkpoint has them in "
+            "model.yml), or, to change them on purpose (e.g. to extend the context), start a new run from the "
+            "weights with finetune: true.")
 
     def _check_schedule(self, meta: dict, tag_dir: Path) -> None:
         saved, ours = meta.get("schedule"), schedule_meta(self.cfg)
@@ -196,6 +220,19 @@ class CheckpointManager:
                 f"from step {meta['iteration']}, or restore the checkpoint's values.")
 
 
+def _load_failure(tag_dir: Path, err: Exception) -> str:
+    """Say which file of a checkpoint is unreadable (truncated, corrupt), or else pass DeepSpeed's error on."""
+    for path in sorted(Path(tag_dir).glob("*.pt")):
+        try:  # memory-mapped: reads the zip directory at the end of the file, which truncation loses first
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:
+            return (f"checkpoint file {path} is truncated or corrupt ({type(e).__name__}: {e}); load an earlier "
+                    "checkpoint (load_iteration), or copy this one again if it was transferred")
+    return (f"checkpoint {tag_dir} could not be loaded ({type(err).__name__}: {err}); its files read back, so they "
+            "do not match this model or layout: compare with `python tools/ckpts/inspect_checkpoint.py "
+            f"{Path(tag_dir).parent} --config YOUR_CONFIG`")
+
+
 def _fault_pause_in_save(rank: int, iteration: int) -> None:
     """Fault injection for tests: NEOX_FAULT_PAUSE_IN_SAVE=STEP:SECONDS holds rank 0 in the save of STEP after its
     files are written and before the checkpoint is marked complete, so a test can kill the job mid-save."""
@@ -203,6 +240,7 @@ def _fault_pause_in_save(rank: int, iteration: int) -> None:
     if not raw:
         return
     step, pause = raw.split(":")
+    pause = float(pause)
     if int(step) == iteration and rank == 0:
         print(f"[fault injection] pausing {pause:g}s inside the save", flush=True)
         time.sleep(pause)

@@ -114,17 +114,46 @@ def is_complete(tag_dir: Path) -> bool:
     return (Path(tag_dir) / META_NAME).is_file()
 
 
-def complete_tags(root: Path) -> list[str]:
-    """Complete tags in `root`, oldest first."""
+def step_dirs(root: Path) -> list[Path]:
+    """The `global_step{N}` folders in `root`, complete or not, by step; other names (a `global_step200_bad` a user
+    set aside) are not checkpoints and are ignored."""
     root = Path(root)
     if not root.is_dir():
         return []
-    tags = [(tag_iteration(p.name), p.name) for p in root.iterdir() if p.is_dir() and tag_iteration(p.name) is not None]
-    return [t for _, t in sorted(tags) if is_complete(root / t)]
+    return sorted((p for p in root.iterdir() if p.is_dir() and tag_iteration(p.name) is not None),
+                  key=lambda p: tag_iteration(p.name))
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Complete tags in `root`, by step."""
+    return [p.name for p in step_dirs(root) if is_complete(p)]
+
+
+def save_order(root: Path, tag: str) -> tuple[int, int]:
+    """When a complete tag was saved relative to the others: its `save_serial`, then its step.
+
+    Steps alone do not order saves: a run resumed from an earlier step (`load_iteration`, after a loss spike) saves
+    step 150 after an abandoned step 300. Checkpoints from before the serial (and converter outputs) count as 0,
+    older than any serial-numbered save, and among themselves by step."""
+    try:
+        serial = int(json.loads((Path(root) / tag / META_NAME).read_text()).get("save_serial", 0))
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable: loading it will say so
+        serial = 0
+    return serial, tag_iteration(tag) or 0
+
+
+def tags_in_save_order(root: Path) -> list[str]:
+    """Complete tags in `root`, oldest save first."""
+    return sorted(complete_tags(root), key=lambda t: save_order(root, t))
+
+
+def next_save_serial(root: Path) -> int:
+    """The serial for a checkpoint about to be saved in `root`: one past every complete tag's."""
+    return 1 + max((save_order(root, t)[0] for t in complete_tags(root)), default=0)
 
 
 def find_loadable_tag(root: Path, tag: Optional[str] = None) -> Optional[str]:
-    """The tag to load: `tag` if given, else the one `latest` names, else the newest complete one.
+    """The tag to load: `tag` if given, else the one `latest` names, else the last complete one saved.
 
     Incomplete folders (a save that was interrupted) are skipped with a warning, falling back to the newest complete
     checkpoint, so a job killed while saving resumes from the previous one.
@@ -134,15 +163,18 @@ def find_loadable_tag(root: Path, tag: Optional[str] = None) -> Optional[str]:
         if not is_complete(root / tag):
             raise FileNotFoundError(f"checkpoint {root / tag} is missing or incomplete (no {META_NAME})")
         return tag
-    complete = complete_tags(root)
-    for p in sorted(root.glob("global_step*")) if root.is_dir() else []:
-        if p.is_dir() and not is_complete(p) and (not complete or tag_iteration(p.name) > tag_iteration(complete[-1])):
-            warnings.warn(f"skipping incomplete checkpoint {p} (no {META_NAME}: the save was interrupted); "
-                          f"loading the newest complete one instead")
+    ordered = tags_in_save_order(root)
     latest_path = root / LATEST
     named = latest_path.read_text().strip() if latest_path.is_file() else None
     if named and is_complete(root / named):
-        # A newer complete tag means the job died after the save but before the pointer moved: take the newer.
-        newer = [t for t in complete if tag_iteration(t) > (tag_iteration(named) or -1)]
-        return newer[-1] if newer else named
-    return complete[-1] if complete else None
+        # A tag saved after the one `latest` names means the job died after marking that save complete but before
+        # moving the pointer: take it. A higher step saved earlier (an abandoned branch) is not newer.
+        chosen = ordered[-1] if save_order(root, ordered[-1]) > save_order(root, named) else named
+    else:
+        chosen = ordered[-1] if ordered else None
+    chosen_step = -1 if chosen is None else tag_iteration(chosen)
+    for p in step_dirs(root):
+        if not is_complete(p) and tag_iteration(p.name) > chosen_step:
+            warnings.warn(f"skipping incomplete checkpoint {p} (no {META_NAME}: the save was interrupted); "
+                          f"loading the newest complete one instead")
+    return chosen

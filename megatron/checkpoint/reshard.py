@@ -9,13 +9,14 @@ DeepSpeed's own loader needs the layout it saved with. Here every rank of the ne
   3. writes them into the live engine: weights into the module, master weights and moments through DeepSpeed's
      fragment API (`safe_set_full_*`), which knows the new ZeRO partitioning.
 Each rank reads only the stages it needs, so the cost is the size of its own stage(s) in the old layout, not the
-whole model. The learning-rate schedule is a pure function of the step (see the trainer), so nothing else is needed.
+whole model. Files are memory-mapped and each is opened once: a spec's tensors are copied out of the mapped ZeRO
+partitions one parameter at a time, so the resident memory is a few full layers, not whole old stages (13 GB of
+optimizer state per old TP 8 x PP 8 rank of a 70B model). The learning-rate schedule is a pure function of the step (see the trainer), so nothing else is needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -23,9 +24,9 @@ import torch
 from megatron.checkpoint import hf_keys, metadata
 from megatron.model.config import LlamaConfig
 
-def _load(path: Path) -> dict:
+def _load(path: Path, mmap: bool = False) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint file {path} is missing: the checkpoint is incomplete or corrupt") from None
     except Exception as e:
@@ -42,64 +43,76 @@ class SourceCheckpoint:
         self.has_optimizer = bool(meta.get("has_optimizer", True))
         # Padded vocab rows depend on TP; the merge strips them, so the source's own padding must be used here.
         self.cfg = model_cfg
+        self._step: float | None = None
+        self._mp_states: dict[int, dict] = {}
+        self._zero_parts: dict[int, list[dict]] = {}
         self._stage_of_spec: dict[int, int] = {}
         for pp_rank in range(self.pp):
-            shapes = _load(self.dir / metadata.mp_rank_file(pp_rank * self.tp)).get("param_shapes") or []
-            for group in shapes:
+            for group in self._mp_state(pp_rank * self.tp).get("param_shapes") or []:
                 for name in group:
                     self._stage_of_spec[int(name.split(".", 1)[0])] = pp_rank
-        self._step = None
 
     # ---- weights: one layer file per (spec, tp rank)
     def weights(self, spec: int, tp_rank: int) -> dict:
-        sd = _load(self.dir / metadata.layer_file(spec, tp_rank))
+        sd = _load(self.dir / metadata.layer_file(spec, tp_rank), mmap=True)
         return {f"{spec}.{k}": v for k, v in sd.items() if torch.is_tensor(v)}
 
-    # ---- optimizer state: ZeRO partitions of one model-parallel rank, over all its DP ranks
-    @lru_cache(maxsize=4)
-    def _stage_optimizer(self, pp_rank: int, tp_rank: int) -> dict:
-        mp = pp_rank * self.tp + tp_rank
-        shapes = _load(self.dir / metadata.mp_rank_file(mp))["param_shapes"]
-        zero_files = [self.dir / metadata.optim_file(d, mp) for d in range(self.dp)]
-        out: dict[str, dict] = {}
-        if zero_files[0].exists():
-            parts = [_load(f)["optimizer_state_dict"] for f in zero_files]
-            for g, group_shapes in enumerate(shapes):
-                for name, shape in group_shapes.items():
-                    pieces = {k: [] for k in ("fp32", "exp_avg", "exp_avg_sq")}
-                    for sd in parts:  # DP ranks in order: each holds a contiguous fragment (or none)
-                        frag = sd["param_slice_mappings"][g].get(name)
-                        if frag is None:
-                            continue
-                        state = sd["base_optimizer_state"]["state"][g]
-                        flat = {"fp32": sd["single_partition_of_fp32_groups"][g],
-                                "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
-                        for k in pieces:
-                            pieces[k].append(flat[k].narrow(0, frag.start, frag.numel))
-                        self._step = float(state["step"])
-                    out[name] = {k: torch.cat(v).view(shape) for k, v in pieces.items()}
-        else:  # ZeRO stage 0: the plain torch optimizer's state dict, params numbered in group order
-            opt = _load(self.dir / metadata.mp_rank_file(mp)).get("optimizer")
+    # ---- optimizer state of one model-parallel rank: ZeRO partitions over its DP ranks, each file opened once
+    def _mp_state(self, mp: int) -> dict:
+        if mp not in self._mp_states:
+            self._mp_states[mp] = _load(self.dir / metadata.mp_rank_file(mp), mmap=True)
+        return self._mp_states[mp]
+
+    def _zero(self, mp: int) -> list[dict]:
+        """The optimizer_state_dict of every DP rank's ZeRO file (memory-mapped), or [] for ZeRO stage 0."""
+        if mp not in self._zero_parts:
+            files = [self.dir / metadata.optim_file(d, mp) for d in range(self.dp)]
+            self._zero_parts[mp] = ([_load(f, mmap=True)["optimizer_state_dict"] for f in files]
+                                    if files[0].exists() else [])
+        return self._zero_parts[mp]
+
+    def _param_state(self, mp: int, name: str) -> dict:
+        """fp32 master weights and Adam moments of one parameter, in its saved (TP-sharded) shape."""
+        shapes = self._mp_state(mp)["param_shapes"]
+        group = next(g for g, names in enumerate(shapes) if name in names)
+        shape = shapes[group][name]
+        parts = self._zero(mp)
+        if not parts:  # ZeRO stage 0: the plain torch optimizer's state dict, params numbered in group order
+            opt = self._mp_state(mp).get("optimizer")
             if not opt or not opt.get("state"):
                 raise RuntimeError(f"{self.dir} has no optimizer state for model-parallel rank {mp}")
-            names = [n for group in shapes for n in group]
-            for i, name in enumerate(names):
-                st = opt["state"][i]
-                out[name] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
-                self._step = float(st["step"])
-        return out
+            st = opt["state"][sum(len(g) for g in shapes[:group]) + list(shapes[group]).index(name)]
+            self._step = float(st["step"])
+            return {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+        pieces = {k: [] for k in ("fp32", "exp_avg", "exp_avg_sq")}
+        for sd in parts:  # DP ranks in order: each holds a contiguous fragment (or none)
+            frag = sd["param_slice_mappings"][group].get(name)
+            if frag is None:
+                continue
+            state = sd["base_optimizer_state"]["state"][group]
+            flat = {"fp32": sd["single_partition_of_fp32_groups"][group],
+                    "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+            for k in pieces:
+                pieces[k].append(flat[k].narrow(0, frag.start, frag.numel))
+            self._step = float(state["step"])
+        return {k: torch.cat(v).view(shape) for k, v in pieces.items()}  # a copy: the mapping is not kept alive
 
     def shard(self, kind: str, spec: int, tp_rank: int) -> dict:
         weights = self.weights(spec, tp_rank)
         if kind == "weight":
             return weights
-        stage = self._stage_optimizer(self._stage_of_spec[spec], tp_rank)
-        # ZeRO 0 keeps no separate master copy: the (fp32) weights are the master weights.
-        return {n: (stage[n][kind] if kind in stage[n] else w.float()) for n, w in weights.items()}
+        mp = self._stage_of_spec[spec] * self.tp + tp_rank
+        out = {}
+        for name, w in weights.items():
+            state = self._param_state(mp, name)
+            # ZeRO 0 keeps no separate master copy: the (fp32) weights are the master weights.
+            out[name] = state[kind] if kind in state else w.float()
+        return out
 
     def optimizer_step(self) -> float:
         if self._step is None:
-            self._stage_optimizer(0, 0)
+            shapes = self._mp_state(0)["param_shapes"]
+            self._param_state(0, next(iter(shapes[0])))
         return self._step
 
     def hf_tensors(self, kind: str, spec: int) -> dict:

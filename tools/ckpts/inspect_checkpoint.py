@@ -57,7 +57,7 @@ def inspect(path: Path, iteration: int | None) -> dict:
         root = path
         tag = metadata.find_loadable_tag(root, metadata.tag_for(iteration) if iteration is not None else None)
     steps = []
-    for p in sorted((q for q in root.glob("global_step*") if q.is_dir()), key=lambda q: metadata.tag_iteration(q.name)):
+    for p in metadata.step_dirs(root):
         steps.append({"tag": p.name, "complete": metadata.is_complete(p), "bytes": _size(p)})
     latest = (root / metadata.LATEST).read_text().strip() if (root / metadata.LATEST).is_file() else None
     report = {"root": str(root), "latest": latest, "steps": steps, "tag": tag}
