@@ -37,12 +37,17 @@ def build_blending_indices(weights: Sequence[float], num_samples: int, seed: int
 class BlendableDataset:
     """Sample i is `datasets[dataset_index[i]][dataset_sample_index[i]]`."""
 
-    def __init__(self, datasets: Sequence[Any], weights: Sequence[float], num_samples: int, seed: int) -> None:
+    def __init__(self, datasets: Sequence[Any], weights: Sequence[float], num_samples: int, seed: int,
+                 indices: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`indices`: `build_blending_indices(weights, num_samples, seed)` when the caller already has them (it
+        needed them to size the datasets), so a large blend is not merged twice."""
         if len(datasets) != len(weights):
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
         self.datasets = list(datasets)
         self.num_samples = num_samples
-        self.dataset_index, self.dataset_sample_index = build_blending_indices(weights, num_samples, seed)
+        if indices is None:
+            indices = build_blending_indices(weights, num_samples, seed)
+        self.dataset_index, self.dataset_sample_index = indices
         counts = np.bincount(self.dataset_index, minlength=len(datasets))
         for d, (dataset, count) in enumerate(zip(self.datasets, counts)):
             if count > len(dataset):

@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from megatron.data.blendable_dataset import BlendableDataset
+from megatron.data.blendable_dataset import BlendableDataset, build_blending_indices
 from megatron.data.gpt_dataset import GPTDataset
 from megatron.data.indexed_dataset import IndexedDataset
 
-# Megatron's margin: each blended component gets 0.5% more samples than its share, so rounding in the blend
-# can never ask a component for a sample it does not have.
+# Megatron's margin: each blended component gets 0.5% more samples than its share. It no longer decides whether a
+# component is large enough (see _blend), but it keeps the component sizes, and so the samples and cached indices,
+# of every blend that built before.
 _BLEND_MARGIN = 1.005
 _SPLIT_NAMES = ("train", "valid", "test")
 
@@ -64,18 +65,23 @@ def _blend(
         indexed = IndexedDataset(prefixes[0])
         return GPTDataset(indexed, f"{split_name}_0", num_samples, seq_length, seed, cache_dir=cache_dir)
     total = float(sum(weights))
+    # The blend first, then each component sized to hold what the blend takes from it: the margin alone can fall
+    # short, because the even merge may take ceil(n * w) + 1 samples from a component whose 0.5% of n * w is
+    # under one sample (weights [0.15, 0.65, 0.2], 32 samples: 22 from the second, margin size 21).
+    indices = build_blending_indices(weights, num_samples, seed)
+    taken = np.bincount(indices[0], minlength=len(prefixes))
     components = [
         GPTDataset(
             IndexedDataset(prefix),
             f"{split_name}_{i}",
-            max(1, math.ceil(num_samples * w / total * _BLEND_MARGIN)),
+            max(1, math.ceil(num_samples * w / total * _BLEND_MARGIN), int(taken[i])),
             seq_length,
             seed,
             cache_dir=cache_dir,
         )
         for i, (prefix, w) in enumerate(zip(prefixes, weights))
     ]
-    return BlendableDataset(components, weights, num_samples, seed)
+    return BlendableDataset(components, weights, num_samples, seed, indices=indices)
 
 
 def build_train_valid_test_datasets(

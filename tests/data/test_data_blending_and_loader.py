@@ -116,3 +116,39 @@ def test_loader_partitions_global_batches_and_resumes(corpora, tmp_path):
     resumed = list(make_data_loader(ds, micro, 1, dp, consumed_samples=4 * micro * dp, num_workers=2))
     assert len(resumed) == 6
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(resumed, batches[1][4:]))
+
+
+def test_blend_builds_where_the_margin_falls_short(tmp_path):
+    # The even merge takes 22 of these 32 samples from the second corpus; its 0.5% margin alone gave it 21.
+    paths = [write_dataset(str(tmp_path / f"b{i}"), random_docs(50, seed=i)) for i in range(3)]
+    train, _, _ = build_train_valid_test_datasets(
+        train_data_paths=paths, train_data_weights=[0.15, 0.65, 0.2], seq_length=16, seed=1234,
+        train_num_samples=32, cache_dir=str(tmp_path / "cache"))
+    assert np.bincount(train.dataset_index).tolist() == [4, 22, 6]
+    assert [len(d) for d in train.datasets] == [5, 22, 7]  # the margin's sizes, but 22 where it gave 21
+    assert all(train[i]["tokens"].shape == (17,) for i in range(32))
+
+
+def test_blend_components_hold_what_the_blend_takes(monkeypatch):
+    """Random weights (some zero) and sizes: every component has at least the samples the blend takes from it."""
+    import megatron.data.data_utils as data_utils
+
+    class Component:  # stands in for GPTDataset: only its length matters to the blend
+        def __init__(self, indexed, name, num_samples, *args, **kwargs):
+            self.num_samples = num_samples
+
+        def __len__(self):
+            return self.num_samples
+
+    monkeypatch.setattr(data_utils, "IndexedDataset", lambda prefix: prefix)
+    monkeypatch.setattr(data_utils, "GPTDataset", Component)
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        k = int(rng.integers(2, 6))
+        weights = rng.dirichlet(np.ones(k)) * rng.uniform(0.1, 10)
+        if rng.random() < 0.2:
+            weights[rng.integers(k)] = 0.0
+        n, seed = int(rng.integers(1, 300)), int(rng.integers(2**31))
+        blend = data_utils._blend([f"p{i}" for i in range(k)], list(weights), "train", n, SEQ, seed, None)
+        taken = np.bincount(blend.dataset_index, minlength=k)
+        assert np.all(taken <= [len(d) for d in blend.datasets]) and len(blend) == n
