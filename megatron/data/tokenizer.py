@@ -227,6 +227,10 @@ class HFTokenizer(Tokenizer):
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"HF tokenizer file not found: {vocab_file}")
         self._tok = _HFTokenizer.from_file(vocab_file)
+        # add_special_tokens=False only stops the post-processor adding BOS/EOS: the `tokenizers` library still
+        # matches added tokens inside the text, so "<|endoftext|>" in a document would become the EOD id.
+        # encode_special_tokens (tokenizers >= 0.15) encodes that text like any other.
+        self._tok.encode_special_tokens = True
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.name = "HFTokenizer"
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

@@ -112,6 +112,32 @@ def test_hf_tokenizer(tmp_path):
     assert hf.encode_batch(["The lazy fox.", "quartz"]) == [ids, hf.encode("quartz")]
 
 
+def _gpt2_style_hf_tokenizer(path):
+    """A byte-level BPE whose only specials are GPT-2's <|endoftext|> (its EOD, and its BOS too) and <s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(path))
+    return str(path)
+
+
+def test_hf_tokenizer_encodes_special_token_text_as_text(tmp_path):
+    """Corpus text that spells an added token must not become its control id (tokenizers matches added tokens
+    in the input even with add_special_tokens=False)."""
+    hf = build_tokenizer("HFTokenizer", _gpt2_style_hf_tokenizer(tmp_path / "tokenizer.json"))
+    assert (hf.eod_id, hf.bos_id) == (0, 1)
+    text = "hi <|endoftext|> there <s>"
+    ids = hf.encode(text)
+    assert hf.eod_id not in ids and hf.bos_id not in ids
+    assert hf.decode(ids) == text
+    assert hf.encode_batch([text]) == [ids] and hf.encode_to_array(text).tolist() == ids
+
+
 def test_spm_tokenizer(tmp_path):
     import sentencepiece as spm
 
