@@ -20,7 +20,8 @@ from megatron import grad_accum_fusion
 from megatron.checkpoint.manager import CheckpointManager
 from megatron.config.deepspeed_config import deepspeed_config
 from megatron.config.schema import NeoXConfig
-from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader
+from megatron.data.data_utils import (DataExhaustedError, build_train_valid_test_datasets, make_data_loader,
+                                      train_samples_needed)
 from megatron.data.tokenizer import build_tokenizer
 from megatron.guards import BadStepGuard, ExitConditions, injected_nan_steps, injected_step_delay
 from megatron.metrics import MetricSinks, StepTimer, flops_per_token, format_step, peak_memory_gib
@@ -32,18 +33,24 @@ from megatron.profiling import StepProfiler, install_forward_timer, phase_times_
 
 
 def _lm_batches(loader, eod_mask_id: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (inputs, labels) pairs in the form DeepSpeed's pipeline engine consumes.
+    """(inputs, labels) pairs in the form DeepSpeed's pipeline engine consumes, one per batch of `loader`.
+
+    The datasets are sized for the whole run, so running out means that sizing is wrong: DataExhaustedError
+    then, rather than starting the loader again, which would silently repeat samples (and spin forever on an
+    empty loader).
 
     eod_mask_id (eod_mask_loss): positions whose input token is this EOD id get label -100, which the loss
     ignores: the token after a document's end is not predicted from that document. Document ids for
     reset_position_ids / reset_attention_mask are computed by the model's embedding stage from the inputs."""
-    while True:
-        for batch in loader:
-            tokens = batch["tokens"]
-            inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-            if eod_mask_id is not None:
-                labels = labels.masked_fill(inputs.eq(eod_mask_id), -100)
-            yield inputs, labels
+    served = 0
+    for batch in loader:
+        tokens = batch["tokens"]
+        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        if eod_mask_id is not None:
+            labels = labels.masked_fill(inputs.eq(eod_mask_id), -100)
+        served += 1
+        yield inputs, labels
+    raise DataExhaustedError.for_loader(loader, served)
 
 
 class Trainer:
@@ -165,12 +172,28 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         epochs = self.epoch_data is not None
+        # What the steps left need: a checkpoint saved with another global batch consumed its samples at that
+        # batch, so train_iters x this run's batch may be too few (a smaller batch now) for the steps left.
+        train_samples = train_samples_needed(cfg.train_iters, self.iteration, self.consumed_samples,
+                                             self.global_batch)
+        if epochs:
+            # The plan's length is fixed by train_epochs: refuse now rather than run out at the end.
+            note = self.epoch_data.plan.check_resume(self.consumed_samples, self.iteration, cfg.train_iters,
+                                                     self.global_batch)
+        elif train_samples > cfg.train_iters * self.global_batch:
+            note = (f"resumed at step {self.iteration} after {self.consumed_samples:,} samples, with global batch "
+                    f"{self.global_batch} now: the training set holds {train_samples:,} samples, enough for the "
+                    f"{cfg.train_iters - self.iteration} steps left")
+        else:
+            note = None
+        if note:
+            self.sinks.print(note)
         train, valid, _ = build_train_valid_test_datasets(
             train_data_paths=cfg.train_data_paths, train_data_weights=cfg.train_data_weights,
             valid_data_paths=cfg.valid_data_paths, valid_data_weights=cfg.valid_data_weights,
             test_data_paths=cfg.test_data_paths, test_data_weights=cfg.test_data_weights,
             data_path=cfg.data_path, split=cfg.split, seq_length=cfg.seq_length, seed=cfg.seed,
-            train_num_samples=0 if epochs else cfg.train_iters * self.global_batch,
+            train_num_samples=0 if epochs else train_samples,
             # The same validation samples every evaluation, so the curve compares like with like.
             valid_num_samples=max(1, cfg.eval_iters) * self.global_batch,
             test_num_samples=0, cache_dir=cfg.data_cache_dir,

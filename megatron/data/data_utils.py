@@ -134,6 +134,18 @@ def build_train_valid_test_datasets(
     return out[0], out[1], out[2]
 
 
+def train_samples_needed(train_iters: int, iteration: int, consumed_samples: int, global_batch_size: int) -> int:
+    """Training samples a run at `iteration` with `consumed_samples` behind it needs to reach `train_iters`.
+
+    A fresh run, or one resumed with the global batch it was saved with, needs train_iters x global batch. A run
+    resumed with another global batch consumed its first `iteration` steps at the old one, so it needs what it
+    consumed plus its remaining steps at the new one: more than train_iters x global batch when the batch got
+    smaller. Never less than a fresh run's count, so a resumed run with an unchanged or larger batch builds the
+    same dataset (and cache) as a fresh one."""
+    remaining = max(0, train_iters - iteration)
+    return max(train_iters * global_batch_size, consumed_samples + remaining * global_batch_size)
+
+
 class MicroBatchSampler(Sampler[list[int]]):
     """Index lists for one data-parallel rank: global micro-batch b covers samples
     [c + b*M*R, c + (b+1)*M*R) for c = consumed_samples, M = micro batch, R = dp size; rank r takes the r-th
@@ -146,6 +158,14 @@ class MicroBatchSampler(Sampler[list[int]]):
             raise ValueError(f"bad sampler setup: micro_batch_size={micro_batch_size} dp={dp_rank}/{dp_size}")
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        if consumed_samples > total_samples:
+            # An empty loader here would leave a trainer with steps to run and no data for them.
+            raise ValueError(
+                f"consumed_samples {consumed_samples:,} is past the end of the dataset ({total_samples:,} samples; "
+                f"global micro-batch {micro_batch_size} x {dp_size} data-parallel ranks). The checkpoint has "
+                f"consumed more samples than this dataset was built for, as when a run is resumed with a smaller "
+                f"global batch than it was saved with: build the dataset for consumed_samples + remaining steps x "
+                f"global batch (train_samples_needed), or resume with the checkpoint's global batch.")
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
@@ -160,6 +180,25 @@ class MicroBatchSampler(Sampler[list[int]]):
         for start in range(self.consumed_samples, self.total_samples - self.global_micro_batch + 1,
                            self.global_micro_batch):
             yield list(range(start + first, start + first + self.micro_batch_size))
+
+
+class DataExhaustedError(RuntimeError):
+    """A data loader ran out before the run's last step (the trainer never restarts one: see _lm_batches)."""
+
+    @classmethod
+    def for_loader(cls, loader: Any, served: int) -> DataExhaustedError:
+        sampler = getattr(loader, "batch_sampler", None)
+        where = f"after {served} micro-batches"
+        if isinstance(sampler, MicroBatchSampler):
+            end = sampler.consumed_samples + served * sampler.global_micro_batch
+            where = (f"at sample {end:,} of a dataset of {sampler.total_samples:,} samples (this loader started at "
+                     f"consumed_samples {sampler.consumed_samples:,})")
+        return cls(
+            f"the data ran out {where}, but the run asked for another batch: it needs more samples than its "
+            f"dataset was built for. A run resumed with another global batch than it was saved with needs "
+            f"consumed_samples + (train_iters - iteration) x global batch (train_samples_needed); resume with the "
+            f"checkpoint's global batch (with fewer data-parallel ranks, raise gradient_accumulation_steps to keep "
+            f"it), or build the dataset for that many samples.")
 
 
 def collate_tokens(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

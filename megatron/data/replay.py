@@ -152,6 +152,41 @@ class ReplayPlan:
         """Optimizer steps that consume the plan: ceil(total_samples / global batch)."""
         return -(-self.total_samples // (global_batch_size or self.global_batch_size))
 
+    def check_resume(self, consumed_samples: int, iteration: int, train_iters: int, global_batch_size: int
+                     ) -> str | None:
+        """For a run resumed at `iteration` with `consumed_samples` behind it: ValueError when the steps left
+        (to train_iters, at this global batch) need more samples than the plan holds, a note when they end before
+        it does, else None.
+
+        Steps left normally need exactly the plan's rest. They need more or fewer when the checkpoint was saved
+        with another global batch: the plan's length is fixed by train_epochs and train_iters by this global
+        batch, so the steps left ask for consumed_samples - iteration x global batch samples more (or fewer) than
+        the plan has. Raising train_epochs cannot make up for that (it raises train_iters too), and growing the
+        plan would train more epochs than asked for, so a shortfall is refused."""
+        remaining = max(0, train_iters - iteration)
+        needed = consumed_samples + remaining * global_batch_size
+        same_batch = consumed_samples == iteration * global_batch_size
+        before = (f"{consumed_samples:,} samples in {iteration} steps (global batch "
+                  f"{consumed_samples / max(1, iteration):g})")
+        if needed > self.total_samples and same_batch:  # only when no step is left: a longer run's checkpoint
+            raise ValueError(
+                f"cannot resume: the checkpoint consumed {before}, past the end of this {self.train_epochs:g}-epoch "
+                f"plan ({self.total_samples:,} samples). It was saved by a run with more epochs: resume with its "
+                f"train_epochs.")
+        if needed > self.total_samples:
+            raise ValueError(
+                f"cannot resume this {self.train_epochs:g}-epoch run with global batch {global_batch_size}: the "
+                f"checkpoint consumed {before}, and the {remaining} steps left to train_iters {train_iters} need "
+                f"{needed:,} samples in all, but the plan holds {self.total_samples:,}. Resume with the "
+                f"checkpoint's global batch (with fewer data-parallel ranks, raise gradient_accumulation_steps to "
+                f"keep it).")
+        if needed < self.total_samples and not same_batch:
+            return (f"note: resumed with global batch {global_batch_size} after {before}: train_iters "
+                    f"{train_iters} ends at sample {needed:,}, so the last {self.total_samples - needed:,} samples of "
+                    f"the {self.total_samples:,}-sample plan are not trained (resume with the checkpoint's global "
+                    f"batch to train them)")
+        return None
+
     def epoch_at(self, sample: int) -> EpochSummary:
         for summary in self.epochs:
             if sample < summary.end_sample:
