@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from megatron.data.indexed_dataset import IndexedDataset
 
@@ -196,3 +197,58 @@ def test_demo_pipeline_from_repo_root(tmp_path):
     ds = IndexedDataset(str(tmp_path / "demo" / "python_docs_text_document"))
     assert ds.num_documents == len(texts) and ds.num_tokens > 100_000
     assert ds[0][0] == 128000 and ds[0][-1] == 128001
+
+
+def _small_tokenizer(path, specials=("<s>", "</s>")):
+    """A byte-level BPE of 300 ids: loads in milliseconds, unlike Llama-3's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(GOOD * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials),
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+    return ["--tokenizer-type", "HFTokenizer", "--vocab-file", str(path)]
+
+
+def _truncated_input(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = [f"Document {i}: " + GOOD[i % 4] * (1 + i % 5) for i in range(400)]
+    lines = b"".join(json.dumps({"text": t}).encode() + b"\n" for t in docs)
+    path = tmp_path / f"in.{kind}"
+    if kind == "jsonl.gz":
+        path.write_bytes(gzip.compress(lines))
+    elif kind == "jsonl.zst":
+        path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    else:
+        pq.write_table(pa.table({"text": docs}), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])  # a download cut short
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl.gz", "jsonl.zst", "parquet"])
+def test_truncated_input_is_named_and_writes_nothing(tmp_path, capsys, kind):
+    """A .gz used to die with a bare EOFError and a .zst to pass for a shorter corpus."""
+    path = _truncated_input(tmp_path, kind)
+    tokenizer = _small_tokenizer(tmp_path / "tok.json")
+    for workers in ("1", "2"):
+        assert tool.main(["--input", path, "--output-prefix", str(tmp_path / "o"), "--no-progress", "--workers",
+                          workers, *tokenizer]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {path}: corrupt or truncated input file" in err and "no output written" in err
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(path), "tok.json"])
+
+
+def test_concatenated_zstd_frames_are_all_read(tmp_path):
+    import zstandard
+
+    compress = zstandard.ZstdCompressor().compress
+    lines = [json.dumps({"text": t}).encode() + b"\n" for t in GOOD]
+    path = tmp_path / "in.jsonl.zst"
+    path.write_bytes(compress(b"".join(lines[:2])) + compress(b"".join(lines[2:])))  # `cat a.zst b.zst`
+    run(["--input", str(path), "--output-prefix", str(tmp_path / "z"), *_small_tokenizer(tmp_path / "tok.json")])
+    assert IndexedDataset(str(tmp_path / "z_text_document")).num_documents == 4

@@ -32,7 +32,8 @@ from tqdm import tqdm  # noqa: E402
 from megatron.data import preprocess  # noqa: E402
 from megatron.data.indexed_dataset import IndexedDatasetWriter, best_dtype  # noqa: E402
 from megatron.data.preprocess import BadRecordError, ChunkResult, PreprocessOptions  # noqa: E402
-from megatron.data.readers import PARQUET_SUFFIXES, RawChunk, Record, expand_inputs, iter_jsonl_chunks, iter_parquet  # noqa: E402,E501
+from megatron.data.readers import (PARQUET_SUFFIXES, CorruptInputError, RawChunk, Record, expand_inputs,  # noqa: E402
+                                   iter_jsonl_chunks, iter_parquet)
 from megatron.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
 # A chunk closes at this much raw input or at --chunk-size records. Small enough that the last chunks, which
@@ -208,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     refresh=False)
         except BadRecordError as err:
             print(f"error: bad record {err} (--strict); no output written", file=sys.stderr)
+            return 1
+        except CorruptInputError as err:
+            print(f"error: {err}; no output written", file=sys.stderr)
             return 1
         for writer in writers.values():
             writer.finalize()
