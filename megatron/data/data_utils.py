@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from megatron.data.blendable_dataset import BlendableDataset, build_blending_indices
-from megatron.data.gpt_dataset import GPTDataset
+from megatron.data.gpt_dataset import GPTDataset, empty_data_message
 from megatron.data.indexed_dataset import IndexedDataset
 
 # Megatron's margin: each blended component gets 0.5% more samples than its share. It no longer decides whether a
@@ -116,6 +116,9 @@ def build_train_valid_test_datasets(
         for name, (start, end), n in zip(_SPLIT_NAMES, ranges, num_samples):
             ids = np.arange(start, end, dtype=np.int64)
             has_tokens = end > start and _has_tokens(indexed, ids)
+            if name == "train" and n > 0 and not has_tokens:  # None would only fail later, without a reason
+                raise ValueError(empty_data_message(f"train split {split!r} (documents [{start}, {end}))",
+                                                    [indexed], len(ids)))
             out.append(
                 GPTDataset(indexed, name, n, seq_length, seed, document_ids=ids, cache_dir=cache_dir)
                 if n > 0 and has_tokens

@@ -220,6 +220,16 @@ def _save_with_checksum(path: str, array: np.ndarray, algorithm: str) -> tuple[i
     return size, _checksum([header, memoryview(array).cast("B")], algorithm)
 
 
+def empty_data_message(name: str, datasets: list[IndexedDataset], selected: int | None = None) -> str:
+    """Why `name` has no samples to build, naming the files and the tool that shows what they hold."""
+    prefixes = ", ".join(ix.prefix for ix in datasets)
+    which = f"the {selected:,} selected documents of" if selected is not None else "the documents of"
+    totals = "; ".join(f"{ix.prefix}: {ix.num_documents:,} documents, {ix.num_tokens:,} tokens" for ix in datasets)
+    return (f"{name}: cannot build samples: {which} {prefixes} contain no tokens ({totals}). Look at the data "
+            f"with `python tools/datasets/inspect_dataset.py {datasets[0].prefix}`; an empty dataset usually "
+            f"means preprocessing kept no documents (see its .stats.json).")
+
+
 class GPTDataset:
     """`num_samples` samples of `seq_length + 1` tokens from `indexed` (see the module docstring)."""
 
@@ -331,6 +341,9 @@ class GPTDataset:
         return self._load_valid_cache() is not None
 
     def _build_and_save(self) -> tuple[np.ndarray, ...]:
+        if not self.doc_lengths[self.document_ids].any():
+            raise ValueError(empty_data_message(self.name, [self.indexed], None if self._all_documents
+                                                else len(self.document_ids)))
         arrays = build_sample_indices(
             self.doc_lengths, self.document_ids, self.num_samples, self.seq_length, self.seed
         )

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from megatron.data.blendable_dataset import build_blending_indices
-from megatron.data.gpt_dataset import document_token_ranges
+from megatron.data.gpt_dataset import document_token_ranges, empty_data_message
 from megatron.data.index_cache import ArrayCache, dataset_file_stats, load_or_build
 from megatron.data.indexed_dataset import IndexedDataset
 
@@ -540,10 +540,13 @@ def build_replay_train_dataset(
 
     def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         domain = [(*document_token_ranges(ix), ids) for ix, ids in sources]
+        if not any(lengths[ids].any() for _, lengths, ids in domain):
+            raise ValueError(empty_data_message(
+                name, [ix for ix, _ in sources], sum(len(ids) for _, ids in sources) if data_path else None))
         pool_ranges = [document_token_ranges(ix) for ix in pools]
-        for prefix, (_, lengths) in zip(replay_data_paths, pool_ranges):
+        for pool, (_, lengths) in zip(pools, pool_ranges):
             if lengths.sum() == 0:
-                raise ValueError(f"replay pool {prefix} contains no tokens")
+                raise ValueError("replay pool " + empty_data_message(_pool_name(pool.prefix), [pool]))
         weights = (list(replay_data_weights) if replay_data_weights is not None
                    else [float(lengths.sum()) for _, lengths in pool_ranges])  # by size
         return build_epoch_indices(domain, pool_ranges, weights, [_pool_name(p) for p in replay_data_paths],

@@ -141,6 +141,36 @@ def test_errors(corpus, tmp_path):
         GPTDataset(indexed, "t", 10, SEQ, seed=0, cache_dir=str(tmp_path))[10]
 
 
+def test_data_without_tokens_is_named(tmp_path):
+    """Every way to build samples from data with no tokens says which files, and how to look at them."""
+    from megatron.data.data_utils import build_train_valid_test_datasets
+    from megatron.data.replay import build_replay_train_dataset
+
+    empty = write_dataset(str(tmp_path / "empty_text_document"), [])
+    blank = write_dataset(str(tmp_path / "blank_text_document"), [np.zeros(0, np.int32)] * 3)
+    good = write_dataset(str(tmp_path / "good_text_document"), random_docs(10, seed=1))
+    cache = str(tmp_path / "c")
+    attempts = {
+        empty: lambda: build_train_valid_test_datasets(train_data_paths=[empty], seq_length=SEQ, seed=1,
+                                                       train_num_samples=4, cache_dir=cache),
+        blank: lambda: build_train_valid_test_datasets(data_path=blank, split="100,0,0", seq_length=SEQ, seed=1,
+                                                       train_num_samples=4, cache_dir=cache),
+    }
+    for prefix in (empty, blank):  # the epoch path: a domain corpus, then a replay pool without tokens
+        attempts[prefix + " (epochs)"] = lambda p=prefix: build_replay_train_dataset(
+            train_data_paths=[p], train_epochs=1, seq_length=SEQ, seed=1, cache_dir=cache)
+        attempts[prefix + " (pool)"] = lambda p=prefix: build_replay_train_dataset(
+            train_data_paths=[good], replay_data_paths=[p], fraction=0.1, train_epochs=1, seq_length=SEQ, seed=1,
+            cache_dir=cache)
+    for what, attempt in attempts.items():
+        with pytest.raises(ValueError) as info:
+            attempt()
+        message = str(info.value)
+        prefix = what.split(" ")[0]
+        assert "no tokens" in message, what
+        assert f"tools/datasets/inspect_dataset.py {prefix}`" in message, what
+
+
 def test_large_index_build_is_fast():
     import time
 
