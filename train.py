@@ -14,6 +14,7 @@ import warnings
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from megatron.config.errors import ConfigError  # noqa: E402
 from megatron.config.loader import load_resolved  # noqa: E402
 from megatron.checkpoint.manager import CheckpointMismatchError  # noqa: E402
 from megatron.trainer import Trainer, TrainingDiverged  # noqa: E402
@@ -25,8 +26,14 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True, help="where logs, metrics and plots go")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the DeepSpeed launcher")
     args = parser.parse_args()
+    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
     try:
-        Trainer(load_resolved(args.config), args.run_dir).fit()
+        cfg = load_resolved(args.config, world_size=world)
+    except ConfigError as e:  # rules that need the real world size (deepy.py could not know it)
+        print(e.format(f"the {world or 1} ranks launched stop before training"), file=sys.stderr, flush=True)
+        sys.exit(2)
+    try:
+        Trainer(cfg, args.run_dir).fit()
     except CheckpointMismatchError as e:  # a user error: say what and how to fix it, without a traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -779,13 +779,13 @@ def load_for_planning(paths: list[str]) -> Loaded:
 
 
 def config_world_size(cfg: NeoXConfig) -> int:
-    """GPUs the config asks for: num_gpus x num_nodes, else the hostfile's slots where it can be read, else 1
-    (the launcher's rule, megatron/config/validate.py)."""
-    from megatron.config.validate import hostfile_slots
+    """GPUs the config asks for, as DeepSpeed's runner counts them (megatron/config/validate.py), else 1."""
+    from megatron.config.validate import launch_world_size
 
-    if cfg.num_gpus is None and cfg.hostfile:
-        return hostfile_slots(cfg.hostfile) or 1
-    return cfg.world_size()
+    try:
+        return launch_world_size(cfg) or 1
+    except ValueError:  # a malformed hostfile: the launcher refuses it and names it
+        return 1
 
 
 # ------------------------------------------------------------------------------------------------ search

@@ -199,3 +199,51 @@ def test_epochs_without_replay_and_replay_with_several_pools_validate():
         "data_paths": ["data/f1", "data/f2"], "data_weights": [0.5, 0.5], "fraction": 0.05,
         "fresh_each_epoch": False, "valid_data_paths": ["data/v"]}))
     assert cfg.replay.data_weights == [0.5, 0.5] and not cfg.replay.fresh_each_epoch
+
+
+def test_workers_check_the_batch_rules_against_the_ranks_that_started(tmp_path):
+    """num_gpus unset: deepy.py counts the GPUs it sees, and the resolved config cannot say how many that was."""
+    from megatron.config.loader import load_resolved, save_resolved
+
+    raw = tiny_raw(num_gpus=None, model_parallel_size=2, pipe_parallel_size=1, train_batch_size=8,
+                   train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2)
+    path = save_resolved(build_config(raw, available_devices=8), tmp_path / "config.yml")
+    assert load_resolved(path, world_size=8).dp(8) == 4
+    with pytest.raises(ConfigError, match=r"train_batch_size.*1 x 2 x 2 = 4") as err:
+        load_resolved(path, world_size=4)  # a launch that started fewer ranks than deepy.py counted
+    assert "the 4 ranks launched stop before training" in err.value.format("the 4 ranks launched stop before training")
+
+
+def test_world_size_is_counted_as_deepspeeds_runner_counts_it(tmp_path):
+    from megatron.config.validate import launch_world_size
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# four nodes\n" + "".join(f"node{i} slots=8\n" for i in range(4)))
+
+    def raw(**keys):
+        return tiny_raw(**{"hostfile": str(hostfile), "num_gpus": None, **keys})
+
+    def world(**keys):
+        return launch_world_size(build_config(raw(**keys)))
+
+    assert world() == 32  # every slot of every host
+    assert world(num_gpus=8) == 32  # num_nodes -1: all hosts (GPT-NeoX's usual multi-node config)
+    assert world(num_nodes=2) == 16  # the first two hosts, all their slots
+    assert world(num_nodes=2, num_gpus=4) == 8
+    assert world(include="node1@node3") == 16 and world(exclude="node0:0,1") == 30
+    # The batch rule holds for the ranks DeepSpeed will start: 1 x 2 x DP 16 on two of the four hosts.
+    build_config(raw(num_nodes=2, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2,
+                     train_batch_size=32))
+    with pytest.raises(ConfigError, match="= 64"):
+        build_config(raw(num_gpus=8, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2,
+                         train_batch_size=16))
+    # What the launcher would refuse is refused before it runs, naming the keys.
+    for keys, named in (({"include": "node1", "num_gpus": 8}, "include,exclude"),
+                        ({"include": "node9"}, "include,exclude,hostfile")):
+        with pytest.raises(ConfigError) as err:
+            build_config(raw(**keys))
+        assert named in err.value.keys()
+    hostfile.write_text("node0 8\n")
+    with pytest.raises(ConfigError, match="bad entry") as err:
+        build_config(raw())
+    assert err.value.keys() == ["hostfile"]

@@ -1,7 +1,8 @@
 """Saving and loading training checkpoints: DeepSpeed's files plus this project's metadata, RNG states and pointer.
 
 Save order (what makes an interrupted save harmless):
-  1. rank 0 removes a stale marker if the tag folder already exists (a save of this step that was killed);
+  1. rank 0 removes the tag folder if it already exists (a save of this step that was killed, or the same step of
+     an abandoned branch after a rollback): marker first, so it is never a complete checkpoint with stale files;
   2. every rank writes its DeepSpeed files and its RNG state;
   3. barrier; rank 0 writes config.yml, then `neox_meta.json` (the completeness marker), then moves `latest`
      (atomic rename) and prunes old checkpoints.
@@ -87,8 +88,10 @@ class CheckpointManager:
             return None
         root, tag = Path(cfg.save), metadata.tag_for(iteration)
         tag_dir = root / tag
-        if self.rank == 0:
-            (tag_dir / metadata.META_NAME).unlink(missing_ok=True)  # an overwrite is incomplete until re-marked
+        if self.rank == 0 and tag_dir.exists():
+            # An overwrite is incomplete until re-marked, and must not mix in files of another layout.
+            (tag_dir / metadata.META_NAME).unlink(missing_ok=True)
+            shutil.rmtree(tag_dir)
         torch.distributed.barrier()
         client_state = {"iteration": iteration, "consumed_samples": consumed_samples, "data_state": data_state}
         self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)

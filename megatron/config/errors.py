@@ -32,7 +32,7 @@ class ConfigError(Exception):
     def keys(self) -> list[str]:
         return [issue.key for issue in self.issues]
 
-    def format(self) -> str:
+    def format(self, outcome: str = "nothing was launched") -> str:
         n = len(self.issues)
-        head = f"Config error{'s' if n != 1 else ''} ({n}); nothing was launched:"
+        head = f"Config error{'s' if n != 1 else ''} ({n}); {outcome}:"
         return "\n".join([head] + [f"  - {issue.format()}" for issue in self.issues])

@@ -104,7 +104,8 @@ def _type_issues(err: ValidationError, raw: dict[str, Any], sources: dict[str, s
 
 
 def build_config(
-    raw: dict[str, Any], sources: Optional[dict[str, str]] = None, available_devices: Optional[int] = None
+    raw: dict[str, Any], sources: Optional[dict[str, str]] = None, available_devices: Optional[int] = None,
+    world_size: Optional[int] = None,
 ) -> NeoXConfig:
     """Validate a merged mapping. Raises ConfigError listing every problem."""
     sources = sources or {}
@@ -124,7 +125,7 @@ def build_config(
             raise ConfigError(issues) from None
     issues += [
         i
-        for i in check_cross_field(cfg, available_devices=available_devices)
+        for i in check_cross_field(cfg, available_devices=available_devices, world_size=world_size)
         if not (set(i.key.split(",")) & bad_keys)
     ]
     if issues:
@@ -162,7 +163,10 @@ def save_resolved(cfg: NeoXConfig, path: str | Path) -> Path:
     return path
 
 
-def load_resolved(path: str | Path) -> NeoXConfig:
-    """Read a config written by `save_resolved` (what every worker and every checkpoint holds)."""
+def load_resolved(path: str | Path, world_size: Optional[int] = None) -> NeoXConfig:
+    """Read a config written by `save_resolved` (what every worker and every checkpoint holds).
+
+    Workers pass the launcher's WORLD_SIZE: the config alone may not say it (num_gpus unset means the GPUs deepy.py
+    saw), and the batch-size rules must hold for the ranks that actually started."""
     raw = yaml.safe_load(Path(path).read_text())
-    return build_config(raw, {k: str(path) for k in raw})
+    return build_config(raw, {k: str(path) for k in raw}, world_size=world_size)

@@ -19,26 +19,37 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def hostfile_slots(path: str) -> Optional[int]:
-    """Total `slots=N` of a DeepSpeed hostfile, or None if it cannot be read here (checked again at launch)."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    total = 0
-    for line in p.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        for part in line.split()[1:]:
-            if part.startswith("slots="):
-                total += int(part.split("=", 1)[1])
-    return total or None
+def launch_world_size(cfg: "NeoXConfig", available_devices: Optional[int] = None) -> Optional[int]:
+    """The number of ranks DeepSpeed's runner will start for this config, by its own rules: hostfile parsing,
+    `--include`/`--exclude` filters, then the first `num_nodes` hosts with `num_gpus` slots each (all slots of every
+    host when unset). A hostfile this machine cannot read (the job script writes it on the cluster) counts as
+    `num_nodes` x `num_gpus` when both are set; otherwise the size is unknown here (None), and the workers check the
+    rules against the real world size. Raises ValueError, with DeepSpeed's message, for a malformed hostfile or
+    filter."""
+    if not (cfg.hostfile or cfg.include or cfg.exclude):
+        return cfg.world_size(available_devices)  # one node: what deepy.py passes as --num_gpus, or the GPUs seen
+    if cfg.hostfile and not Path(cfg.hostfile).is_file():
+        return cfg.world_size() if cfg.num_gpus and cfg.num_nodes > 0 else None
+    # DeepSpeed's own functions, imported only here: the import is heavy and single-node configs do not need it.
+    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, fetch_hostfile, parse_inclusion_exclusion
+
+    pool = fetch_hostfile(cfg.hostfile) if cfg.hostfile else {"localhost": cfg.num_gpus or available_devices or 1}
+    active = parse_inclusion_exclusion(pool, cfg.include or "", cfg.exclude or "")
+    active = apply_num_nodes_and_gpus(active, cfg.num_nodes, cfg.num_gpus or -1)
+    return sum(len(slots) for slots in active.values())
 
 
-def _world_size(cfg: "NeoXConfig", available_devices: Optional[int]) -> Optional[int]:
-    if cfg.num_gpus is None and cfg.hostfile:
-        return hostfile_slots(cfg.hostfile)
-    return cfg.world_size(available_devices)
+def _world_size(cfg: "NeoXConfig", available_devices: Optional[int]) -> tuple[Optional[int], list[ConfigIssue]]:
+    if (cfg.include or cfg.exclude) and (cfg.num_gpus or cfg.num_nodes > 0):
+        return None, [ConfigIssue("include,exclude", "DeepSpeed's runner refuses include/exclude together with "
+                                  "num_gpus or num_nodes", "choose the GPUs one way: remove num_gpus and num_nodes, or "
+                                  "remove include and exclude", cfg.include or cfg.exclude)]
+    try:
+        return launch_world_size(cfg, available_devices), []
+    except ValueError as e:
+        key = "hostfile" if cfg.hostfile and not (cfg.include or cfg.exclude) else "include,exclude,hostfile"
+        return None, [ConfigIssue(key, f"DeepSpeed cannot use it: {e}", "write one `HOST slots=GPUS` line per node "
+                                  "and filters as HOST[:SLOT,SLOT][@HOST...]", cfg.hostfile)]
 
 
 def _required(cfg: "NeoXConfig") -> list[ConfigIssue]:
@@ -292,6 +303,10 @@ def _checkpoint(cfg: "NeoXConfig") -> list[ConfigIssue]:
     return issues
 
 
-def check_cross_field(cfg: "NeoXConfig", available_devices: Optional[int] = None) -> list[ConfigIssue]:
-    world = _world_size(cfg, available_devices)
-    return _required(cfg) + _model_shape(cfg) + _positions(cfg) + _parallel(cfg, world) + _training(cfg) + _data(cfg) + _checkpoint(cfg)
+def check_cross_field(cfg: "NeoXConfig", available_devices: Optional[int] = None,
+                      world_size: Optional[int] = None) -> list[ConfigIssue]:
+    """`world_size`: the real number of ranks, where it is known (in the workers, from the launcher); otherwise it
+    is worked out from the config and `available_devices` as DeepSpeed's runner will."""
+    world, issues = (world_size, []) if world_size else _world_size(cfg, available_devices)
+    return (issues + _required(cfg) + _model_shape(cfg) + _positions(cfg) + _parallel(cfg, world) + _training(cfg)
+            + _data(cfg) + _checkpoint(cfg))
