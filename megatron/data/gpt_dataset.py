@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron.data.index_cache import rank_zero_first
 from megatron.data.indexed_dataset import IndexedDataset, bin_path, idx_path
 
 logger = logging.getLogger(__name__)
@@ -370,20 +371,18 @@ class GPTDataset:
         return arrays
 
     def _load_or_build(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        import torch.distributed as dist
-
-        distributed = dist.is_available() and dist.is_initialized()
-        # Rank 0 builds while the others wait; a rank that still sees no valid cache after the barrier (e.g.
-        # a node-local cache_dir on another node) builds its own. Writes are atomic renames, so this is safe.
-        arrays = None
-        if not distributed or dist.get_rank() == 0:
+        # Rank 0 builds while the others wait (if it fails, they all fail with its error); a rank that still sees
+        # no valid cache afterwards (e.g. a node-local cache_dir on another node) builds its own. Writes are
+        # atomic renames, so this is safe.
+        def on_rank_zero() -> tuple[np.ndarray, ...]:
             arrays = self._load_valid_cache()
             if arrays is None:
                 logger.info("%s: building sample index (%d samples) in %s", self.name, self.num_samples,
                             self.cache_dir)
                 arrays = self._build_and_save()
-        if distributed:
-            dist.barrier()
+            return arrays
+
+        arrays = rank_zero_first(on_rank_zero, self.name)
         if arrays is None:
             arrays = self._load_valid_cache()
         if arrays is None:

@@ -3,9 +3,10 @@
 Arrays are saved as .npy files named by a hash of a JSON description of everything that shapes them, next to a
 JSON file written last that records the description, each array's size and CRC-32, and any small JSON payload
 (`extra`). A missing, truncated, corrupted or stale cache reads as invalid and is rebuilt. Under
-torch.distributed, rank 0 builds while the other ranks wait at a barrier; a rank that still finds no valid cache
-afterwards (a node-local cache directory) builds its own. Writes are atomic renames, so concurrent builders are
-safe. An unwritable cache directory falls back to in-memory arrays with a warning.
+torch.distributed, rank 0 builds while the other ranks wait for it (`rank_zero_first`: if rank 0 fails, every rank
+fails with its error); a rank that still finds no valid cache afterwards (a node-local cache directory) builds its
+own. Writes are atomic renames, so concurrent builders are safe. An unwritable cache directory falls back to
+in-memory arrays with a warning.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import re
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +27,33 @@ from megatron.data.indexed_dataset import bin_path, idx_path
 logger = logging.getLogger(__name__)
 
 BuildResult = tuple[dict[str, np.ndarray], dict[str, Any]]
+T = TypeVar("T")
+
+
+def rank_zero_first(work: Callable[[], T], what: str) -> T | None:
+    """work() on rank 0 while the other ranks wait, which get None; without torch.distributed, just work().
+
+    Rank 0 then broadcasts whether it succeeded, where a bare barrier would leave the other ranks waiting for
+    the process-group timeout (30 minutes by default; NCCL does not notice a rank that has exited) whenever
+    rank 0 fails: now they raise at once, with rank 0's error, and rank 0 raises its own."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return work()
+    result, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 - every failure must reach the other ranks before we raise it
+            failure = err
+    outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise RuntimeError(f"{what}: rank 0 failed to build the index, so rank {dist.get_rank()} stops too. "
+                           f"Rank 0's error: {outcome[0]}")
+    return result
 
 
 def dataset_file_stats(prefix: str) -> dict[str, Any]:
@@ -103,18 +131,15 @@ class ArrayCache:
 
 def load_or_build(cache: ArrayCache, build: Callable[[], BuildResult], what: str) -> BuildResult:
     """(arrays, extra) from `cache`, building them with `build()` where no valid cache exists."""
-    import torch.distributed as dist
 
-    distributed = dist.is_available() and dist.is_initialized()
-    built: BuildResult | None = None
-    if not distributed or dist.get_rank() == 0:
-        if cache.read_valid() is None:
-            logger.info("%s: building index in %s", what, cache.cache_dir)
-            built = build()
-            if cache.save(*built):
-                built = None  # every rank memory-maps the saved files, rank 0 included
-    if distributed:
-        dist.barrier()
+    def on_rank_zero() -> BuildResult | None:
+        if cache.read_valid() is not None:
+            return None
+        logger.info("%s: building index in %s", what, cache.cache_dir)
+        built = build()
+        return None if cache.save(*built) else built  # saved: every rank memory-maps the files, rank 0 included
+
+    built = rank_zero_first(on_rank_zero, what)
     stored = None if built is not None else cache.read_valid()
     if built is None and stored is None:
         built = build()

@@ -208,6 +208,55 @@ def test_rank_zero_builds_others_wait(tmp_path):
     assert np.array_equal(np.load(out + "_0.npy"), np.load(out + "_1.npy"))
 
 
+def _failing_rank_main(rank: int, port: int, prefix: str, cache: str, out: str) -> None:
+    """Both index builders on data without tokens: rank 0 fails to build; rank 1 must fail at once with rank 0's
+    error. Rank 0 stays alive until then (as an NCCL peer would look to the others), so rank 1 cannot get away
+    with noticing that rank 0 has exited."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from megatron.data.replay import build_replay_train_dataset
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    builders = {
+        "gpt": lambda: GPTDataset(IndexedDataset(prefix), "t", 10, SEQ, seed=0, cache_dir=cache),
+        "epochs": lambda: build_replay_train_dataset(train_data_paths=[prefix], train_epochs=1, seq_length=SEQ,
+                                                     seed=0, cache_dir=cache),
+    }
+    try:
+        for name, build in builders.items():
+            start = time.perf_counter()
+            try:
+                build()
+                message = "built"
+            except Exception as err:  # noqa: BLE001 - the test compares what each rank raised
+                message = f"{type(err).__name__}: {err}"
+            with open(f"{out}_{name}_{rank}.txt", "w") as f:
+                f.write(f"{time.perf_counter() - start:.3f}\n{message}")
+            if rank == 0:  # wait until rank 1 has failed too (or give up after 5 s)
+                deadline = time.time() + 5
+                while not os.path.exists(f"{out}_{name}_1.txt") and time.time() < deadline:
+                    time.sleep(0.01)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_rank_zero_failure_reaches_every_rank_at_once(tmp_path):
+    prefix = write_dataset(str(tmp_path / "empty_text_document"), [])
+    out = str(tmp_path / "result")
+    run_two_gloo_ranks(_failing_rank_main, prefix, str(tmp_path / "c"), out, timeout=40)
+    for name in ("gpt", "epochs"):
+        seconds, error = open(f"{out}_{name}_1.txt").read().split("\n", 1)
+        rank0_error = open(f"{out}_{name}_0.txt").read().split("\n", 1)[1]
+        assert rank0_error.startswith("ValueError: ") and "no tokens" in rank0_error
+        assert error.startswith("RuntimeError: ") and rank0_error in error and "rank 0 failed" in error
+        assert float(seconds) < 3
+
+
 def test_multi_sequence_documents_are_one_token_range(tmp_path):
     from megatron.data.indexed_dataset import IndexedDatasetWriter
 
