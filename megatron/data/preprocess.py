@@ -132,13 +132,34 @@ def _drop_reason(text: str, options: PreprocessOptions) -> str | None:
     return None
 
 
+def writes_bos(options: PreprocessOptions, tokenizer: Tokenizer) -> bool:
+    """Whether documents start with the tokenizer's BOS.
+
+    A tokenizer without a BOS of its own reports its EOD as bos_id (GPT-2 style vocabularies). With --append-eod
+    every document already ends with that id, and a leading one as well would put two EODs between documents
+    (under reset_attention_mask the second becomes a one-token document), so it is left out. Without
+    --append-eod the leading EOD is the only separator between documents, so it stays."""
+    return options.bos and not (options.append_eod and tokenizer.bos_id == tokenizer.eod_id)
+
+
+def bos_note(options: PreprocessOptions, tokenizer: Tokenizer) -> str | None:
+    """What the tool tells the user when the tokenizer has no BOS distinct from its EOD."""
+    if not options.bos or tokenizer.bos_id != tokenizer.eod_id:
+        return None
+    if writes_bos(options, tokenizer):
+        return (f"note: {tokenizer.name} has no BOS token distinct from its EOD (id {tokenizer.eod_id}); without "
+                f"--append-eod every document starts with that EOD, as the separator between documents")
+    return (f"note: {tokenizer.name} has no BOS token distinct from its EOD (id {tokenizer.eod_id}); documents "
+            f"get only the EOD at their end (--append-eod), not a second one at their start")
+
+
 def _pack(texts: Sequence[str], options: PreprocessOptions, tokenizer: Tokenizer, dtype: np.dtype
           ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize documents and concatenate them (with BOS/EOD) into one array; returns it and the per-document
     lengths. Ids are below the vocabulary size, which chose `dtype`, so the cast cannot wrap."""
-    bos = np.array([tokenizer.bos_id], dtype=dtype) if options.bos else None
+    bos = np.array([tokenizer.bos_id], dtype=dtype) if writes_bos(options, tokenizer) else None
     eod = np.array([tokenizer.eod_id], dtype=dtype) if options.append_eod else None
-    extra = int(options.bos) + int(options.append_eod)
+    extra = int(bos is not None) + int(options.append_eod)
     pieces: list[np.ndarray] = []
     lengths = np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):

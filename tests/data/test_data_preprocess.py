@@ -252,3 +252,20 @@ def test_concatenated_zstd_frames_are_all_read(tmp_path):
     path.write_bytes(compress(b"".join(lines[:2])) + compress(b"".join(lines[2:])))  # `cat a.zst b.zst`
     run(["--input", str(path), "--output-prefix", str(tmp_path / "z"), *_small_tokenizer(tmp_path / "tok.json")])
     assert IndexedDataset(str(tmp_path / "z_text_document")).num_documents == 4
+
+
+def test_tokenizer_without_bos_gets_one_eod_between_documents(tmp_path, capsys):
+    """A GPT-2 style vocabulary has only <|endoftext|>, which serves as both BOS and EOD."""
+    from megatron.data.tokenizer import build_tokenizer
+
+    tokenizer = _small_tokenizer(tmp_path / "tok.json", specials=("<|endoftext|>",))
+    hf = build_tokenizer("HFTokenizer", str(tmp_path / "tok.json"))
+    assert hf.bos_id == hf.eod_id == 0
+    path = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    run(["--input", path, "--output-prefix", str(tmp_path / "e"), "--append-eod", *tokenizer])
+    assert read_docs(str(tmp_path / "e_text_document")) == expected_docs(hf, GOOD, bos=False, eod=True)
+    assert "documents get only the EOD at their end" in capsys.readouterr().err
+    # Without --append-eod the leading EOD is the only separator: it stays.
+    run(["--input", path, "--output-prefix", str(tmp_path / "s"), *tokenizer])
+    assert read_docs(str(tmp_path / "s_text_document")) == expected_docs(hf, GOOD, bos=True, eod=False)
+    assert "every document starts with that EOD" in capsys.readouterr().err

@@ -181,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_chars=args.min_chars, dedup=args.dedup, strict=args.strict,
     )
     tokenizer = preprocess.init_worker(options)  # fail fast on a bad tokenizer; learn its vocabulary size
+    if note := preprocess.bos_note(options, tokenizer):
+        print(note, file=sys.stderr)
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
     stats = {key: KeyStats() for key in options.keys}
     bad_examples: list[str] = []
