@@ -42,7 +42,8 @@ class OptimizerSpec(_Strict):
 
 
 class ZeroOptimization(_Strict):
-    stage: Literal[0, 1] = Field(1, description="ZeRO stage: 0 (off) or 1 (optimizer states sharded over data parallel).")
+    stage: Literal[0, 1] = Field(1, description="ZeRO stage 1: optimizer states sharded over data parallel "
+                                 "(0 is refused: no gradient norm; stage 1 at DP 1 shards nothing).")
     allgather_partitions: bool = Field(True, description="DeepSpeed: all-gather updated partitions.")
     allgather_bucket_size: int = Field(500_000_000, gt=0, description="DeepSpeed all-gather bucket size (elements).")
     overlap_comm: bool = Field(True, description="DeepSpeed: overlap gradient reduction with backward.")

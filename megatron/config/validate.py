@@ -203,10 +203,14 @@ def _training(cfg: "NeoXConfig") -> list[ConfigIssue]:
         issues.append(ConfigIssue("precision,bf16", f"precision {cfg.precision!r} contradicts bf16.enabled "
                                   f"{cfg.bf16.enabled}", "keep one of the two keys", cfg.precision))
     explicit_bf16 = cfg.precision == "bf16" or (cfg.precision is None and cfg.bf16 is not None and cfg.bf16.enabled)
-    if explicit_bf16 and cfg.zero_optimization.stage == 0 and cfg.data_types.grad_accum_dtype == "fp32":
-        issues.append(ConfigIssue("zero_optimization.stage", "DeepSpeed's bf16 optimizer with fp32 gradient "
-                                  "accumulation needs ZeRO stage 1 (it refuses stage 0 at start-up)",
-                                  "set zero_optimization: {stage: 1}", 0))
+    if cfg.zero_optimization.stage == 0:
+        # Under stage 0, clipping and the norm are left to DeepSpeed's plain-optimizer path: it reports no norm
+        # (logged as 0, so a NaN gradient under a finite loss is never seen by the bad-step guard) and, with pipeline
+        # parallelism, leaves every stage but the first out of the clipping norm. bf16 refuses it at start-up anyway.
+        issues.append(ConfigIssue("zero_optimization.stage", "ZeRO stage 0 gives no gradient norm (the bad-step "
+                                  "guard cannot see NaN gradients) and clips pipeline stages wrongly",
+                                  "set zero_optimization: {stage: 1}; with one data-parallel rank it shards nothing, "
+                                  "so it is stage 0 with the norm computed right", 0))
     explicit_fp32 = cfg.precision == "fp32" or (cfg.precision is None and cfg.bf16 is not None and not cfg.bf16.enabled)
     if cfg.gradient_accumulation_fusion and (explicit_fp32 or cfg.data_types.grad_accum_dtype != "fp32"):
         what = "an fp32 run" if explicit_fp32 else "grad_accum_dtype bf16"
