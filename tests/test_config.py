@@ -93,6 +93,7 @@ MALFORMED = [
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage", "1"),
     ({"precision": "bf16", "zero_optimization": {"stage": 0}}, "zero_optimization.stage", "{stage: 1}"),
     ({"precision": "fp32", "zero_optimization": {"stage": 0}}, "zero_optimization.stage", "no gradient norm"),
+    ({"attention_dropout": 0.1, "model_parallel_size": 2, "num_gpus": 2}, "attention_dropout", "same masks"),
     ({"profile": True, "profile_step_start": 5, "profile_step_stop": 3}, "profile_step_stop", "before"),
     ({"rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 4096}}, "rope_scaling", "exceeds"),
     ({"fp16": {"enabled": True}}, "fp16", "bf16"),

@@ -164,6 +164,12 @@ def _parallel(cfg: "NeoXConfig", world: Optional[int]) -> list[ConfigIssue]:
                                   "cannot shard the kept activations over TP (partition_activations uses "
                                   "DeepSpeed's)", "set partition_activations: false, or recompute_granularity: full",
                                   "selective"))
+    if cfg.attention_dropout and tp > 1:
+        # Megatron draws it under a per-TP-rank RNG stream; here every rank has the same generator state, so head i
+        # of each rank would get the same mask (a model that depends on TP). Llama trains without dropout.
+        issues.append(ConfigIssue("attention_dropout", "attention dropout under tensor parallelism would give each "
+                                  "TP rank's heads the same masks", "set attention_dropout: 0 (Llama's), or "
+                                  "model_parallel_size: 1", cfg.attention_dropout))
     if cfg.recompute_granularity == "selective" and (cfg.hidden_dropout or cfg.attention_dropout):
         issues.append(ConfigIssue("recompute_granularity", "selective recompute keeps fused attention's output, "
                                   "which on the GPU also drew attention dropout's random numbers; a dropout "
