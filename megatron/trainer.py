@@ -181,9 +181,9 @@ class Trainer:
             note = self.epoch_data.plan.check_resume(self.consumed_samples, self.iteration, cfg.train_iters,
                                                      self.global_batch)
         elif train_samples > cfg.train_iters * self.global_batch:
-            note = (f"resumed at step {self.iteration} after {self.consumed_samples:,} samples, with global batch "
-                    f"{self.global_batch} now: the training set holds {train_samples:,} samples, enough for the "
-                    f"{cfg.train_iters - self.iteration} steps left")
+            note = (f"note: resumed at step {self.iteration} after {self.consumed_samples:,} samples, with global "
+                    f"batch {self.global_batch} now: the training set holds {train_samples:,} samples, enough for "
+                    f"the {cfg.train_iters - self.iteration} steps left")
         else:
             note = None
         if note:
