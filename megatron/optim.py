@@ -19,28 +19,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-class FiniteAdamW(torch.optim.AdamW):
-    """AdamW that skips the update when a gradient is NaN/Inf and says so through `overflow`, the attribute
-    DeepSpeed's engine reads to count a skipped step and hold the lr schedule. DeepSpeed's ZeRO and bf16 optimizers
-    check this themselves; only the plain fp32 ZeRO-0 path hands the torch optimizer to the engine unwrapped."""
-
-    overflow = False
-
-    def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norms = torch._foreach_norm(grads) if grads else []
-        self.overflow = bool(norms) and not bool(torch.isfinite(torch.stack(norms)).all())
-        if self.overflow:
-            return None
-        return super().step(closure)
-
-
 def build_optimizer(model: torch.nn.Module, cfg: NeoXConfig) -> torch.optim.Optimizer:
     p = cfg.optimizer.params
     fused = torch.cuda.is_available()  # one multi-tensor kernel per step on GPU
-    unwrapped = cfg.zero_optimization.stage == 0 and cfg.resolved_precision == "fp32"
-    cls = FiniteAdamW if unwrapped else torch.optim.AdamW
-    return cls(param_groups(model, cfg.weight_decay), lr=p.lr, betas=tuple(p.betas), eps=p.eps, fused=fused)
+    # DeepSpeed's ZeRO-1 and bf16 optimizers wrap it: they skip a non-finite update and compute the gradient norm
+    # (ZeRO stage 0, which would hand it to the engine unwrapped, is refused by the config validation).
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=p.lr, betas=tuple(p.betas), eps=p.eps, fused=fused)
 
 
 def lr_at(step: int, cfg: NeoXConfig) -> float:

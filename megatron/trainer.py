@@ -81,6 +81,9 @@ class Trainer:
 
         self.precision = cfg.resolved_precision
         self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
+        if cfg.vocab_size and cfg.vocab_size < self.tokenizer.vocab_size and self.layout.rank == 0:
+            print(f"note: vocab_size {cfg.vocab_size} is below the tokenizer's {self.tokenizer.vocab_size}: a token id "
+                  f">= {cfg.vocab_size} in the data fails at TP 1 and trains on a masked row at TP > 1", flush=True)
         # Fusing the weight-gradient accumulation needs the fp32 buffer of DeepSpeed's bf16 optimizer.
         fuse_grads = grad_accum_fusion.applies(cfg.gradient_accumulation_fusion, self.precision,
                                                cfg.data_types.grad_accum_dtype)
@@ -217,7 +220,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         flops_token = flops_per_token(self.model_cfg, cfg.seq_length)
-        timer, window_losses, last = StepTimer(), [], {}
+        timer, window_losses, window_start, last = StepTimer(), [], self.iteration, {}
         bar = tqdm(total=cfg.train_iters, initial=self.iteration, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_logger and sys.stderr.isatty()))  # log lines suffice in files
         stop_reason = None
@@ -225,6 +228,9 @@ class Trainer:
             self.profiler.before_step(self.iteration + 1)
             loss = self.engine.train_batch(data_iter=self.train_iter).item()  # all micro-batches, then the update
             self.iteration += 1
+            # DeepSpeed does not step the scheduler on a skipped update; a resume sets the lr from the step count,
+            # so set it that way here too, or a run with skipped steps would resume at another lr.
+            self._set_schedule_step(self.iteration)
             self.profiler.after_step(self.iteration)
             self.consumed_samples += self.global_batch
             bar.update(1)
@@ -244,10 +250,10 @@ class Trainer:
 
             if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
                 seconds = timer.lap()
-                steps = max(1, len(window_losses))
+                steps = max(1, self.iteration - window_start)  # skipped steps did their work too
                 tokens_per_s = steps * self.global_batch * cfg.seq_length / seconds
                 last = {
-                    "loss": sum(window_losses) / steps if window_losses else float("nan"),
+                    "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
                     "lr": self.engine.get_lr()[0],
                     "grad_norm": grad_norm if grad_norm is not None else 0.0,
                     "tokens_per_s": tokens_per_s,
@@ -265,7 +271,7 @@ class Trainer:
                 self.sinks.log(self.iteration, last)
                 if self.is_logger:
                     bar.write(format_step(self.iteration, cfg.train_iters, last))
-                window_losses = []
+                window_losses, window_start = [], self.iteration
 
             if self.valid_sets and (self.iteration % cfg.eval_interval == 0 or self.iteration == cfg.train_iters):
                 self.evaluate()

@@ -64,11 +64,10 @@ class SourceCheckpoint:
         return self._mp_states[mp]
 
     def _zero(self, mp: int) -> list[dict]:
-        """The optimizer_state_dict of every DP rank's ZeRO file (memory-mapped), or [] for ZeRO stage 0."""
+        """The optimizer_state_dict of every DP rank's ZeRO-1 file (memory-mapped)."""
         if mp not in self._zero_parts:
             files = [self.dir / metadata.optim_file(d, mp) for d in range(self.dp)]
-            self._zero_parts[mp] = ([_load(f, mmap=True)["optimizer_state_dict"] for f in files]
-                                    if files[0].exists() else [])
+            self._zero_parts[mp] = [_load(f, mmap=True)["optimizer_state_dict"] for f in files]
         return self._zero_parts[mp]
 
     def _param_state(self, mp: int, name: str) -> dict:
@@ -76,16 +75,8 @@ class SourceCheckpoint:
         shapes = self._mp_state(mp)["param_shapes"]
         group = next(g for g, names in enumerate(shapes) if name in names)
         shape = shapes[group][name]
-        parts = self._zero(mp)
-        if not parts:  # ZeRO stage 0: the plain torch optimizer's state dict, params numbered in group order
-            opt = self._mp_state(mp).get("optimizer")
-            if not opt or not opt.get("state"):
-                raise RuntimeError(f"{self.dir} has no optimizer state for model-parallel rank {mp}")
-            st = opt["state"][sum(len(g) for g in shapes[:group]) + list(shapes[group]).index(name)]
-            self._step = float(st["step"])
-            return {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
         pieces = {k: [] for k in ("fp32", "exp_avg", "exp_avg_sq")}
-        for sd in parts:  # DP ranks in order: each holds a contiguous fragment (or none)
+        for sd in self._zero(mp):  # DP ranks in order: each holds a contiguous fragment (or none)
             frag = sd["param_slice_mappings"][group].get(name)
             if frag is None:
                 continue
@@ -102,12 +93,7 @@ class SourceCheckpoint:
         if kind == "weight":
             return weights
         mp = self._stage_of_spec[spec] * self.tp + tp_rank
-        out = {}
-        for name, w in weights.items():
-            state = self._param_state(mp, name)
-            # ZeRO 0 keeps no separate master copy: the (fp32) weights are the master weights.
-            out[name] = state[kind] if kind in state else w.float()
-        return out
+        return {name: self._param_state(mp, name)[kind] for name in weights}
 
     def optimizer_step(self) -> float:
         if self._step is None:
@@ -165,22 +151,12 @@ def load_resharded(engine, tag_dir: Path, meta: dict, model_cfg: LlamaConfig, tp
         return
     step = src.optimizer_step()
     state = {k: local_tensors(src, k, model_cfg, specs, tp_rank, tp) for k in ("fp32", "exp_avg", "exp_avg_sq")}
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 or DeepSpeed's bf16 optimizer
-        _init_optimizer_state(opt, step)
-        for name, p in params.items():
-            safe_set_full_fp32_param(p, state["fp32"][name].to(p.device, torch.float32))
-            for k in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(p, state[k][name].to(p.device, torch.float32), k)
-    else:  # ZeRO 0 with fp32: the torch optimizer holds per-parameter state directly
-        base = getattr(opt, "optimizer", opt)
-        fused = bool(base.defaults.get("fused"))
-        for name, p in params.items():
-            base.state[p] = {
-                "step": torch.tensor(step, dtype=torch.float32, device=p.device if fused else "cpu"),
-                "exp_avg": state["exp_avg"][name].to(p.device, p.dtype).clone(),
-                "exp_avg_sq": state["exp_avg_sq"][name].to(p.device, p.dtype).clone(),
-            }
+    opt = engine.optimizer  # ZeRO-1 or DeepSpeed's bf16 optimizer (ZeRO stage 0 is refused by the config)
+    _init_optimizer_state(opt, step)
+    for name, p in params.items():
+        safe_set_full_fp32_param(p, state["fp32"][name].to(p.device, torch.float32))
+        for k in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, state[k][name].to(p.device, torch.float32), k)
 
 
 def _refresh_master_weights(engine) -> None:
