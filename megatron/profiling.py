@@ -21,11 +21,19 @@ PHASES = {
 }
 
 
-def install_forward_timer(engine) -> None:
-    """Time the module's forward passes into the engine's timer set (as DeepSpeed's own timers do, synchronised)."""
+def install_phase_timers(engine) -> None:
+    """Time the module's forward passes into the engine's timer set (as DeepSpeed's own timers do, synchronised),
+    and keep DeepSpeed from starting its backward timers twice on pipeline stages before the last.
+
+    There (DeepSpeed 0.19) the pipeline engine starts the backward timers itself, then calls `tensor.backward`,
+    whose engine hook starts the same timers again and fails ("timer has already been started"). The pipeline
+    engine's own start/stop spans the whole backward, so the hook's are dropped on those stages."""
     timer = engine.timers("forward")
     engine.module.register_forward_pre_hook(lambda module, args: timer.start())
     engine.module.register_forward_hook(lambda module, args, output: timer.stop())
+    if hasattr(engine, "is_last_stage") and not engine.is_last_stage():
+        engine.engine_timers.backward_timers = []
+        engine.engine_timers.backward_inner_timers = []
 
 
 class StepProfiler:

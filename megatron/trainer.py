@@ -29,7 +29,7 @@ from megatron.model.config import LlamaConfig
 from megatron.model.llama import build_model
 from megatron.optim import build_optimizer, build_scheduler, lr_at
 from megatron.parallel.layout import ParallelLayout
-from megatron.profiling import StepProfiler, install_forward_timer, phase_times_ms
+from megatron.profiling import StepProfiler, install_phase_timers, phase_times_ms
 
 
 def _lm_batches(loader, eod_mask_id: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -130,7 +130,7 @@ class Trainer:
         self._install_nan_injection(injected_nan_steps())
         self.step_delay = injected_step_delay()
         if cfg.log_phase_times:
-            install_forward_timer(self.engine)
+            install_phase_timers(self.engine)
         self.profiler = StepProfiler(cfg, run_dir, rank, self.sinks.print if self.is_logger else (lambda m: None))
         self._build_data()
         n_params = self.model_cfg.count_parameters()

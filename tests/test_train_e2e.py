@@ -45,7 +45,8 @@ def run_deepy(tmp_path: Path, overrides: dict, timeout: int = 400) -> subprocess
 def test_two_rank_pipeline_run_trains_logs_and_saves(tmp_path):
     prefix = str(tmp_path / "synthetic_text_document")
     synthetic_corpus(prefix)
-    proc = run_deepy(tmp_path, {"num_gpus": 2, "pipe_parallel_size": 2, "data_path": prefix, "split": "90,10,0"})
+    proc = run_deepy(tmp_path, {"num_gpus": 2, "pipe_parallel_size": 2, "data_path": prefix, "split": "90,10,0",
+                                "log_phase_times": True})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "TP 1 x PP 2 x DP 1 = 2 ranks" in out
@@ -60,6 +61,13 @@ def test_two_rank_pipeline_run_trains_logs_and_saves(tmp_path):
     assert [r["step"] for r in valid] == [15, 30] and valid[-1]["valid/loss"] < valid[0]["valid/loss"]
     assert all(r["train/grad_norm"] > 0 and r["train/tokens_per_s"] > 0 for r in train)
     assert train[-1]["train/lr"] == pytest.approx(3.0e-4, rel=1e-6)  # cosine reached min_lr at the last step
+    # log_phase_times on the first of two stages (rank 0 logs): DeepSpeed's timers plus our forward timer.
+    phases = [r for r in records if "phase/backward_ms" in r]
+    assert [r["step"] for r in phases] == [5, 10, 15, 20, 25, 30] and "phases (ms/step): data" in out
+    for r in phases:
+        assert r["phase/forward_ms"] > 0 and r["phase/backward_ms"] > 0 and r["phase/optimizer_ms"] > 0
+        assert r["phase/pipe_send_output_ms"] >= 0 and r["phase/pipe_recv_grad_ms"] >= 0
+        assert r["phase/step_ms"] >= r["phase/forward_ms"] + r["phase/backward_ms"]
 
     # The resolved config lives beside the run and inside the checkpoint; the plot and TB events exist.
     saved = yaml.safe_load((tmp_path / "ckpt" / "global_step30" / "config.yml").read_text())
