@@ -24,7 +24,8 @@ def build_optimizer(model: torch.nn.Module, cfg: NeoXConfig) -> torch.optim.Opti
     fused = torch.cuda.is_available()  # one multi-tensor kernel per step on GPU
     # DeepSpeed's ZeRO-1 and bf16 optimizers wrap it: they skip a non-finite update and compute the gradient norm
     # (ZeRO stage 0, which would hand it to the engine unwrapped, is refused by the config validation).
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=p.lr, betas=tuple(p.betas), eps=p.eps, fused=fused)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=p.lr, betas=tuple(p.betas), eps=p.eps,
+                             fused=fused)
 
 
 def lr_at(step: int, cfg: NeoXConfig) -> float:

@@ -213,7 +213,10 @@ def test_workers_check_the_batch_rules_against_the_ranks_that_started(tmp_path):
     assert load_resolved(path, world_size=8).dp(8) == 4
     with pytest.raises(ConfigError, match=r"train_batch_size.*1 x 2 x 2 = 4") as err:
         load_resolved(path, world_size=4)  # a launch that started fewer ranks than deepy.py counted
-    assert "the 4 ranks launched stop before training" in err.value.format("the 4 ranks launched stop before training")
+    assert err.value.format().splitlines()[0] == "Config error (1); nothing was launched:"
+    # train.py says what happened instead: the launch did happen, and the ranks stop.
+    head = err.value.format("the 4 ranks launched stop").splitlines()[0]
+    assert head == "Config error (1); the 4 ranks launched stop:"
 
 
 def test_world_size_is_counted_as_deepspeeds_runner_counts_it(tmp_path):

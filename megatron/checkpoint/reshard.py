@@ -11,7 +11,8 @@ DeepSpeed's own loader needs the layout it saved with. Here every rank of the ne
 Each rank reads only the stages it needs, so the cost is the size of its own stage(s) in the old layout, not the
 whole model. Files are memory-mapped and each is opened once: a spec's tensors are copied out of the mapped ZeRO
 partitions one parameter at a time, so the resident memory is a few full layers, not whole old stages (13 GB of
-optimizer state per old TP 8 x PP 8 rank of a 70B model). The learning-rate schedule is a pure function of the step (see the trainer), so nothing else is needed.
+optimizer state per old TP 8 x PP 8 rank of a 70B model). The learning-rate schedule is a pure function of the
+step (see the trainer), so nothing else is needed.
 """
 
 from __future__ import annotations
