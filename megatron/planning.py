@@ -57,9 +57,9 @@ DEFAULT_GPU = "h100"
 
 # Assumed share of the bf16 peak a GPU sustains while it computes: outside the pipeline bubble, with activation
 # recomputation counted as work. Anchors: Megatron-core 54-62% MFU for Llama-3.1 on H100, torchtitan 33-39%; the
-# AstroSage run's ~50 TFLOP/s per MI250X GCD end to end (26% MFU) is ~50% while computing once its bubble (30% at
-# 16 micro-batches, PP 8) and recomputation (x1.32) are taken out. 40% is a middle assumption; --tflops or --mfu
-# replaces it.
+# AstroSage run's ~50 TFLOP/s per MI250X GCD end to end (26% MFU) is ~52% while computing once its bubble (30% at
+# 16 micro-batches, PP 8), its last stage's extra output layer (x1.045 on the step) and recomputation (x1.33) are
+# taken out. 40% is a middle assumption; --tflops or --mfu replaces it.
 DEFAULT_MFU = 0.40
 
 # What a device holds beyond PyTorch's caching allocator, and the allocator's own slack. The planner predicts the
@@ -217,6 +217,8 @@ def _partition_balanced(weights: list[float], parts: int) -> list[int]:
 def stage_items(shape: Shape, tp: int, pp: int, method: str) -> list[list[str]]:
     """Which of the PipelineModule's layer specs (megatron/model/llama.py: embedding, the transformer layers,
     final norm, output) each stage builds, split the way DeepSpeed's PipelineModule._partition_layers does."""
+    if method.lower() != "parameters":
+        tp = 1  # only the parameter sizes depend on TP: one cached split serves every TP the search tries
     return [list(stage) for stage in _stage_items(shape, tp, pp, method)]
 
 
@@ -431,6 +433,7 @@ def device_bytes(allocated_peak: float) -> float:
 class Plan:
     shape: Shape
     layout: Layout
+    gpus: int  # the world size asked for (layout.gpus differs when TP x PP does not divide it: a problem)
     gpu: GPU
     precision: Precision
     optimizer_name: str
@@ -474,19 +477,44 @@ class Plan:
     def flops_per_step(self) -> float:
         return self.flops_per_token * self.tokens_per_step
 
+    def _layer_recompute_flops(self) -> float:
+        """FLOPs per token one transformer layer's recomputation adds: full checkpointing runs its forward again
+        (2 N_layer + 4 h s); selective replays only pointwise ops, and compiled FlexAttention (not kept)."""
+        if not self.layout.checkpoint:
+            return 0.0
+        sh = self.shape
+        attention_forward = 4 * sh.hidden * sh.seq
+        if self.layout.selective:
+            return attention_forward if self.precision.attention == "flex" else 0.0
+        return 2 * (sh.attn_params() + sh.mlp_params()) + attention_forward
+
     @property
     def recompute_factor(self) -> float:
-        """GPU work per model FLOP: activation checkpointing runs each transformer layer's forward twice, i.e.
-        adds a third of the layers' 6N + 12Lhs (2 N_layers + 4 L h s per token; the output layer is not
-        recomputed)."""
-        if not self.layout.checkpoint:
-            return 1.0
+        """GPU work per model FLOP: with checkpointing each transformer layer's forward runs twice, i.e. a third
+        of the layers' 6N + 12Lhs again (the output layer is not recomputed)."""
+        return 1 + self.shape.layers * self._layer_recompute_flops() / self.flops_per_token
+
+    def stage_flops_per_token(self) -> list[float]:
+        """GPU work of each pipeline stage per trained token (all its TP ranks together, recomputation included):
+        its transformer layers' share of 6N + 12Lhs and, on the last stage, the output layer's 6·V·h. The
+        embedding is a lookup and the norms are not counted (megatron/metrics.py's convention). Sums to
+        flops_per_token x recompute_factor."""
         sh = self.shape
-        attention_forward = 4 * sh.layers * sh.hidden * sh.seq
-        if self.layout.selective:  # selective replays only pointwise ops, and compiled FlexAttention (not kept)
-            return 1 + (attention_forward if self.precision.attention == "flex" else 0) / self.flops_per_token
-        layer_matmuls = sh.layers * (sh.attn_params() + sh.mlp_params())
-        return 1 + (2 * layer_matmuls + attention_forward) / self.flops_per_token
+        layer = 6 * (sh.attn_params() + sh.mlp_params()) + 12 * sh.hidden * sh.seq + self._layer_recompute_flops()
+        output = 6 * sh.vocab * sh.hidden
+        return [st.layers * layer + (output if "output" in st.items else 0) for st in self.stages]
+
+    @property
+    def stage_seconds(self) -> list[float]:
+        """Forward plus backward time of one micro-batch on each stage, at the assumed TFLOP/s per GPU."""
+        tokens = self.layout.micro * self.shape.seq
+        return [w * tokens / (self.layout.tp * self.tflops * 1e12) for w in self.stage_flops_per_token()]
+
+    @property
+    def imbalance(self) -> float:
+        """The slowest stage's work over the average stage's (1.0 for a balanced pipeline)."""
+        t = self.stage_seconds
+        return max(t) / (sum(t) / len(t))
 
     @property
     def compute_seconds(self) -> float:
@@ -494,8 +522,12 @@ class Plan:
 
     @property
     def step_seconds(self) -> float:
-        # 1F1B: every stage idles (PP-1) of the (GAS+PP-1) micro-batch slots of a step; compute fills the rest.
-        return self.compute_seconds / (1 - self.bubble)
+        """DeepSpeed's 1F1B schedule, its stages coupled by blocking sends and receives: the first micro-batch
+        passes every stage forward and back once, and the slowest stage paces the other GAS - 1. Exact when the
+        slowest stage is the last (the output layer's: the usual case), an upper bound otherwise; for balanced
+        stages it is compute / (1 - bubble). tests/test_plan.py checks it against DeepSpeed's TrainSchedule."""
+        t = self.stage_seconds
+        return sum(t) + (self.layout.gas - 1) * max(t)
 
     @property
     def end_to_end_tflops(self) -> float:
@@ -567,10 +599,14 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         # backward (nor, on the last stage, its output: the logits), so each buffer holds its last tensors until
         # the next micro-batch overwrites them.
         buffers = max(2, in_flight) if layout.gas > 1 else 1
-        held = (0 if first else buffers * act * sbh) + (act * b * shape.seq * vp // tp if last and buffers > 1 else 0)
+        logits = act * b * shape.seq * vp // tp if last else 0  # one micro-batch's, this rank's V/TP slice
+        held = (0 if first else buffers * act * sbh) + (logits if buffers > 1 else 0)
+        # The last stage's _exec_backward_pass returns before it clears pipe_buffers['outputs']: the current
+        # micro-batch's logits stay alive through its whole backward and the fp32 accumulation after it (the
+        # loss term below counts them itself).
         # During the backward of the oldest micro-batch: its recomputed chunk (checkpointing) and the gradients
         # in flight; on the last stage first the loss; on the first stage the embedding's weight gradient.
-        current = work + (layout.checkpoint_layers * a_layer if layout.checkpoint else 0)
+        current = work + (layout.checkpoint_layers * a_layer if layout.checkpoint else 0) + logits
         phase = "backward of a layer" + (" (recomputed)" if layout.checkpoint else "")
         loss = loss_peak_bytes(shape, tp, b, act, precision.fused, fused_grads)
         if last and loss > current:
@@ -580,22 +616,14 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
         p2p = (act * sbh if not first else 0) + (act * sbh if not last else 0)  # recv buffers (activation, grad)
         states = weights + grads + master + adam
         backward_peak = states + in_flight * per_mb + held + current + p2p
-        # After the last backward: DeepSpeed all-reduces the fp32 gradients over DP in buckets cast to bf16
-        # (communication_data_type); one bucket holds the whole matrix group when it exceeds ALLREDUCE_BUCKET
-        # elements, otherwise both parameter groups are first concatenated (an fp32 copy) and then cast.
-        matrices = params - vectors
-        if precision.name == "bf16" and precision.grad_accum == "fp32":
-            reduce = 2 * matrices if matrices > ALLREDUCE_BUCKET else 6 * params
-        else:
-            reduce = 0
-        reduce_peak = states + reduce
+        reduce_peak = states + allreduce_bytes(params - vectors, vectors, precision)
         # After each micro-batch's backward the bf16 optimizer adds param.grad into the fp32 buffer one parameter
         # at a time through an fp32 copy (BF16_Optimizer._update_hp_grad), while the other in-flight micro-batches
         # still hold their activations.
         largest = max(local[it] if it != "layer" else 2 * shape.ffn * shape.hidden // tp for it in items)
         if fused_grads:  # only the norms' vectors take that path
             largest = shape.hidden
-        accumulate_peak = states + (in_flight - 1) * per_mb + held + 4 * largest
+        accumulate_peak = states + (in_flight - 1) * per_mb + held + logits + 4 * largest
         peak, peak_phase = max((backward_peak, phase), (reduce_peak, "gradient all-reduce"),
                                (accumulate_peak, "fp32 gradient accumulation"))
         stages.append(StageMemory(
@@ -604,6 +632,24 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
             act_ckpt=in_flight * stored(True, 1) + held, in_flight=in_flight,
             transient=current + p2p, peak=peak, peak_phase=peak_phase))
     return optimizer_name, validated, stages
+
+
+def allreduce_bytes(matrices: int, vectors: int, precision: Precision) -> int:
+    """What DeepSpeed's data-parallel all-reduce of the gradients allocates after the last backward
+    (PipelineEngine._bf16_reduce_grads -> buffered_allreduce_fallback -> allreduce_no_retain -> allreduce_bucket).
+
+    BF16_Optimizer hands over one flat fp32 gradient buffer per parameter group (the trainer's two: matrices,
+    then the norms' vectors). allreduce_no_retain adds buffers to a bucket until it holds more than
+    ALLREDUCE_BUCKET elements; allreduce_bucket flattens it (a bucket of one tensor flattens to a view of it,
+    two are concatenated into a new tensor) and casts to communication_data_type only if that differs, which the
+    trainer sets to the accumulation dtype (megatron/config/deepspeed_config.py): no cast. So the matrices alone
+    fill a bucket (no copy) when they exceed it; otherwise both buffers are copied into one. Other precision
+    paths reduce inside the ZeRO optimizer (not modelled: 0)."""
+    if precision.name != "bf16" or precision.grad_accum != "fp32":
+        return 0
+    if matrices > ALLREDUCE_BUCKET or not (matrices and vectors):
+        return 0
+    return 4 * (matrices + vectors)
 
 
 def layout_problems(cfg: NeoXConfig, layout: Layout) -> list[str]:
@@ -624,19 +670,27 @@ def layout_problems(cfg: NeoXConfig, layout: Layout) -> list[str]:
 
 def make_plan(cfg: NeoXConfig, gpus: Optional[int] = None, gpu: str = DEFAULT_GPU, tflops: Optional[float] = None,
               layout: Optional[Layout] = None) -> Plan:
-    """Plan `cfg` on `gpus` devices of kind `gpu` (default: the config's own world size and layout)."""
+    """Plan `cfg` on `gpus` devices of kind `gpu` (default: the config's own world size and layout, or the
+    layout's GPUs when one is given) at `tflops` per GPU while computing (default DEFAULT_MFU of the peak)."""
     shape = shape_of(cfg)
     spec = GPUS[gpu]
+    if gpus is None:
+        gpus = layout.gpus if layout is not None else config_world_size(cfg)
+    _require_positive(gpus=gpus, tflops=tflops)
     if layout is None:
-        layout = layout_of(cfg, gpus or config_world_size(cfg))
+        layout = layout_of(cfg, gpus)
     precision = precision_of(cfg)
     optimizer_name, validated, stages = plan_memory(shape, layout, precision, cfg.pipe_partition_method)
-    plan = Plan(shape=shape, layout=layout, gpu=spec, precision=precision, optimizer_name=optimizer_name,
+    plan = Plan(shape=shape, layout=layout, gpus=gpus, gpu=spec, precision=precision, optimizer_name=optimizer_name,
                 validated_path=validated, params=shape.parameter_count(), stages=stages,
-                flops_per_token=flops_per_token(shape), tflops=tflops or DEFAULT_MFU * spec.peak_tflops,
+                flops_per_token=flops_per_token(shape),
+                tflops=DEFAULT_MFU * spec.peak_tflops if tflops is None else tflops,
                 train_iters=cfg.train_iters, train_epochs=cfg.train_epochs)
-    if layout.gpus != (gpus or layout.gpus):
-        plan.problems.append(f"{gpus} GPUs is not a multiple of TP x PP = {layout.tp * layout.pp}")
+    if layout.gpus != gpus:
+        # Planned anyway (as DP 1 when TP x PP exceeds the GPUs), so the memory of the layout is still shown.
+        mp = layout.tp * layout.pp
+        plan.problems.append(f"{gpus:,} GPUs is not a multiple of TP x PP = {mp}: memory and time are shown for "
+                             f"DP {layout.dp} = {layout.gpus:,} GPUs; use a multiple of {mp} GPUs or a smaller TP x PP")
     plan.problems += layout_problems(cfg, layout)
     if not optimizer_name.startswith("DeepSpeed") and not optimizer_name.startswith("torch"):
         plan.problems.append(f"optimizer: {optimizer_name}")
@@ -652,6 +706,14 @@ def make_plan(cfg: NeoXConfig, gpus: Optional[int] = None, gpu: str = DEFAULT_GP
     return plan
 
 
+def _require_positive(**values: Optional[float]) -> None:
+    """Refuse zero and negative counts and rates (None means "the default"): a 0 would otherwise divide by zero or
+    plan a layout nobody asked for."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, not {value}")
+
+
 def configured_global_batch(cfg: NeoXConfig) -> int:
     if cfg.train_batch_size:
         return cfg.train_batch_size
@@ -665,9 +727,11 @@ def alternative_layout(cfg: NeoXConfig, gpus: Optional[int] = None, tp: Optional
     """The configured layout with some knobs changed. The global batch is a training hyperparameter, so it is
     kept: gradient accumulation absorbs a change of DP or micro-batch when it can (else it is kept and the
     global batch changes, with a note)."""
-    gpus = gpus or config_world_size(cfg)
-    tp, pp = tp or cfg.tp, pp or cfg.pp
-    micro = micro or cfg.train_micro_batch_size_per_gpu
+    _require_positive(gpus=gpus, tp=tp, pp=pp, micro=micro)
+    gpus = config_world_size(cfg) if gpus is None else gpus
+    tp = cfg.tp if tp is None else tp
+    pp = cfg.pp if pp is None else pp
+    micro = cfg.train_micro_batch_size_per_gpu if micro is None else micro
     checkpoint = cfg.checkpoint_activations if checkpoint is None else checkpoint
     dp = max(1, gpus // (tp * pp))
     batch, notes = configured_global_batch(cfg), []
@@ -793,11 +857,15 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_layouts(cfg: NeoXConfig, base: Layout, gpus: int, per_node: int, keep_global_batch: bool = True):
+def candidate_layouts(cfg: NeoXConfig, base: Layout, gpus: int, per_node: int, keep_global_batch: bool = True,
+                      batch: Optional[int] = None):
     """Layouts on `gpus` devices: TP a divisor of the GPUs per node; PP a divisor of the layer count or a power of
     two up to it (DeepSpeed splits layers unevenly, and 126 layers have no divisor between 2 and 126 that divides
     a power-of-two GPU count); DP the rest; checkpointing off/on (partitioned when TP > 1); micro-batch a divisor of
-    the per-replica batch."""
+    the per-replica batch. The global batch (a training hyperparameter: `batch`, default base's) stays whenever
+    DP divides it; where DP does not and keep_global_batch is False, it becomes the smallest multiple of DP above
+    it."""
+    batch = base.global_batch if batch is None else batch
     shape = shape_of(cfg)
     stages = sorted(set(_divisors(shape.layers)) | {2**k for k in range(shape.layers.bit_length())
                                                      if 2**k <= shape.layers})
@@ -806,12 +874,9 @@ def candidate_layouts(cfg: NeoXConfig, base: Layout, gpus: int, per_node: int, k
             if gpus % (tp * pp):
                 continue
             dp = gpus // (tp * pp)
-            if keep_global_batch:
-                if base.global_batch % dp:
-                    continue
-                per_replica = base.global_batch // dp
-            else:
-                per_replica = base.micro * base.gas
+            if batch % dp and keep_global_batch:
+                continue
+            per_replica = -(-batch // dp)
             for micro in _divisors(per_replica):
                 if micro > max(base.micro, 1) * 4:
                     continue
@@ -834,25 +899,29 @@ def distance(a: Layout, b: Layout) -> float:
 MAX_SEARCH_GPUS = 16384
 
 
-def suggest(cfg: NeoXConfig, plan: Plan, limit: int = 3, max_scale: Optional[int] = None
-            ) -> tuple[list[Plan], Optional[int]]:
-    """The closest fitting layouts on the same GPUs (fewest changes, then fastest); if none fits, the smallest
+def suggest(cfg: NeoXConfig, plan: Plan, limit: int = 3, max_scale: Optional[int] = None,
+            batch: Optional[int] = None) -> tuple[list[Plan], Optional[int]]:
+    """The closest fitting layouts on the GPUs asked for (fewest changes, then fastest); if none fits, the smallest
     power-of-two multiple of the GPU count (up to max_scale x, by default up to MAX_SEARCH_GPUS GPUs) where one
-    does, with that count returned too."""
-    base, gpus = plan.layout, plan.layout.gpus
+    does, with that count returned too. The global batch to keep is `batch` (default the plan's; the CLI passes
+    the config's, which the evaluated layout may not have kept): on more GPUs it is kept where DP divides it, and
+    layouts that keep it come first."""
+    base, gpus = plan.layout, plan.gpus
+    batch = base.global_batch if batch is None else batch
     if max_scale is None:
         max_scale = max(1, MAX_SEARCH_GPUS // gpus)
     scale = 1
     while scale <= max_scale:
         found = []
-        for lay in candidate_layouts(cfg, base, gpus * scale, plan.gpu.per_node, keep_global_batch=scale == 1):
+        for lay in candidate_layouts(cfg, base, gpus * scale, plan.gpu.per_node, scale == 1, batch):
             if lay == base:
                 continue
             p = make_plan(cfg, gpus=gpus * scale, gpu=plan.gpu.key, tflops=plan.tflops, layout=lay)
             if p.fits:
                 found.append(p)
         if found:
-            found.sort(key=lambda p: (distance(p.layout, base), p.step_seconds, p.device_gib))
+            found.sort(key=lambda p: (p.layout.global_batch != batch, distance(p.layout, base),
+                                      p.step_seconds, p.device_gib))
             return found[:limit], (None if scale == 1 else gpus * scale)
         scale *= 2
     return [], None
@@ -886,6 +955,22 @@ def _stage_groups(stages: list[StageMemory]) -> list[tuple[str, StageMemory]]:
     return [(f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}", st) for ids, st in rows]
 
 
+def _step_lines(plan: Plan) -> list[str]:
+    """The step time as the balanced-pipeline formula, stretched by the stages' imbalance when PP > 1."""
+    lay = plan.layout
+    balanced = (f"FLOPs/step x {plan.recompute_factor:.2f} / ({lay.gpus:,} GPUs x {plan.tflops:.1f} TFLOP/s) / "
+                "(1 - bubble)")
+    if lay.pp == 1:
+        return [f"  step        {balanced} = {_duration(plan.step_seconds)}"]
+    t = plan.stage_seconds
+    slowest = plan.stages[t.index(max(t))]
+    stretch = plan.step_seconds / (plan.compute_seconds / (1 - plan.bubble))
+    return [f"  stages      the slowest, stage {slowest.stage} ({slowest.label()}), does x{plan.imbalance:.3f} the "
+            f"average stage's work",
+            f"  step        {balanced} x {stretch:.3f} = {_duration(plan.step_seconds)}",
+            f"              (1F1B: each stage's micro-batch time once, then GAS-1 = {lay.gas - 1} of the slowest's)"]
+
+
 def format_plan(plan: Plan, title: str = "") -> str:
     sh, lay, gpu = plan.shape, plan.layout, plan.gpu
     lines = []
@@ -895,7 +980,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
         f"  model       Llama-3.1 shape: {sh.layers} layers, hidden {sh.hidden}, {sh.heads} heads ({sh.kv_heads} kv), "
         f"MLP {sh.ffn}, vocab {sh.vocab:,} (padded to {sh.padded_vocab(lay.tp):,} for TP {lay.tp}), seq {sh.seq:,}",
         f"  parameters  {plan.params:,} ({plan.params / 1e9:.2f}B; embedding and output {sh.vocab * sh.hidden:,} each)",
-        f"  GPUs        {lay.gpus:,} x {gpu.name} ({gpu.memory_gib:.0f} GiB, {gpu.peak_tflops:g} bf16 TFLOP/s peak)",
+        f"  GPUs        {plan.gpus:,} x {gpu.name} ({gpu.memory_gib:.0f} GiB, {gpu.peak_tflops:g} bf16 TFLOP/s peak)",
         f"  layout      {lay.describe()}",
         f"  batch       global {lay.global_batch:,} sequences = {plan.tokens_per_step:,} tokens per step",
         f"  precision   {plan.precision.name}, gradient accumulation in {plan.precision.grad_accum}"
@@ -918,7 +1003,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
         "  leaves only the norms a bf16 param.grad); master and Adam are this rank's",
         "  1/DP slice (ZeRO-1). acts = activations the in-flight micro-batches keep (1F1B: stage i has up to PP-i)",
         "  and DeepSpeed's pipe buffers; no-ckpt / ckpt = the same without / with activation checkpointing.",
-        "  work = at the worst moment: a recomputed layer and the gradients in flight, or the loss.",
+        "  work = at the worst moment: a recomputed layer and the gradients in flight (the last stage also holds",
+        "  the current micro-batch's logits until its backward is done), or the loss.",
         "  peak = weights + grads + master + Adam + acts + work (or, if larger, the moment of the gradient",
         "  all-reduce): what torch.cuda.max_memory_allocated reports;",
         f"  device = peak x {1 + FRAGMENTATION:.2f} (allocator) + {CONTEXT_GIB:g} GiB (context, NCCL, workspaces).",
@@ -945,8 +1031,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
            else " (checkpointing repeats each layer's forward)" if lay.checkpoint else " (no checkpointing)"),
         f"  assumed     {plan.tflops:.1f} TFLOP/s per GPU while computing ({100 * plan.tflops / gpu.peak_tflops:.0f}% "
         f"of peak)",
-        f"  step        FLOPs/step x {plan.recompute_factor:.2f} / ({lay.gpus:,} GPUs x {plan.tflops:.1f} TFLOP/s) / "
-        f"(1 - bubble) = {_duration(plan.step_seconds)}",
+        *_step_lines(plan),
         f"  printed     the trainer would report {plan.end_to_end_tflops:.1f} TFLOP/s per GPU "
         f"({100 * plan.end_to_end_tflops / gpu.peak_tflops:.0f}% MFU; 6N + 12Lhs over wall time)",
     ]

@@ -5,7 +5,10 @@
 * where layers go and how many micro-batches are in flight: DeepSpeed's own partitioner and 1F1B schedule;
 * activations per layer: the bytes autograd really saves for one TransformerLayer (CPU, fp32 and bf16);
 * peak memory: GPU measurements of the trainer in benchmarks/results/memory_measurements.json (within 15%);
-* the CLI: the AstroSage layout plans and fits; a layout that does not fit gets a suggestion that does.
+* the gradient all-reduce's memory: DeepSpeed's own bucketing code run on CPU;
+* step time: DeepSpeed's 1F1B TrainSchedule played out with the stages' compute times;
+* the CLI: the AstroSage layout plans and fits; a layout that does not fit gets suggestions that, followed, give
+  configs the trainer's validator accepts and that re-plan to the promised memory; bad flags exit 2.
 """
 
 from __future__ import annotations
@@ -74,10 +77,11 @@ def test_flops_per_step_follow_the_6n_plus_12lhs_convention():
     # Checkpointing recomputes each layer's forward: a third of the layers' share of 6N + 12Lhs again.
     layer_matmuls = n_matmul - V * h
     recompute = 1 + (2 * layer_matmuls + 4 * L * h * s) / plan.flops_per_token
-    # Step time: GPU work / (GPUs x sustained TFLOP/s), stretched by the idle share of 1F1B.
-    expect = plan.flops_per_step * recompute / (2048 * 0.40 * 191.5e12) / (1 - 7 / 23)
-    assert plan.step_seconds == pytest.approx(expect)
-    assert plan.end_to_end_tflops == pytest.approx(0.40 * 191.5 / recompute * (1 - 7 / 23))
+    # GPU work / (GPUs x sustained TFLOP/s), shared out over the stages (the step time, bubble and imbalance
+    # included, is checked against DeepSpeed's schedule below).
+    assert plan.compute_seconds == pytest.approx(plan.flops_per_step * recompute / (2048 * 0.40 * 191.5e12))
+    assert sum(plan.stage_flops_per_token()) == pytest.approx(plan.flops_per_token * recompute)
+    assert plan.end_to_end_tflops == pytest.approx(plan.flops_per_step / plan.step_seconds / 2048 / 1e12)
 
 
 # ------------------------------------------------------------------------------------------ DeepSpeed's pipeline
@@ -117,6 +121,103 @@ def test_in_flight_micro_batches_follow_deepspeeds_1f1b_schedule(stages, micro_b
         layout = planning.Layout(tp=1, pp=stages, dp=1, micro=1, gas=micro_batches, checkpoint=False)
         _, _, mem = planning.plan_memory(shape, layout, planning.Precision("bf16", "fp32", 1))
         assert mem[stage].in_flight == most, f"stage {stage}"
+
+
+def test_the_last_stage_keeps_a_micro_batchs_logits_through_its_whole_backward():
+    """DeepSpeed's _exec_backward_pass runs the loss's backward on the last stage and returns before the line that
+    frees pipe_buffers['outputs'] (the logits): while that stage's layers run their backward, the current
+    micro-batch's logits are alive beside the stale ones of the previous micro-batch (which `acts` holds)."""
+    import inspect
+
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    source = inspect.getsource(PipelineEngine._exec_backward_pass)
+    last_stage = source.index("if self.is_last_stage():")
+    assert source.index("return", last_stage) < source.index("self.pipe_buffers['outputs'][buffer_id] = None")
+
+    cfg = load("astrosage70b_cpt.yml").config  # stage 7: 10 layers + output, as stage 6 has 10 layers
+    plan = planning.make_plan(cfg, gpu="mi250x")
+    middle, last = plan.stages[6], plan.stages[7]
+    assert last.peak_phase == middle.peak_phase == "backward of a layer (recomputed)"
+    sbh, logits = cfg.seq_length * cfg.hidden_size, cfg.seq_length * plan.shape.padded_vocab(8) // 8  # micro-batch 1
+    # the same layer backward, less the receive buffer for a gradient (the last stage gets none), plus the logits
+    assert last.transient == middle.transient - 2 * sbh + 2 * logits
+
+
+def schedule_makespan(fwd: list[float], bwd: list[float], micro_batches: int) -> float:
+    """How long DeepSpeed's TrainSchedule takes when stage i's forward and backward of a micro-batch take fwd[i]
+    and bwd[i] seconds: every stage runs its own command list in order, and a send and its matching receive
+    (blocking p2p) finish together once both stages have reached them."""
+    from deepspeed.runtime.pipe import schedule as S
+
+    stages = len(fwd)
+    programs = [[c for step in S.TrainSchedule(micro_batches=micro_batches, stages=stages, stage_id=i).steps()
+                 for c in step] for i in range(stages)]
+    partner = {S.SendActivation: (1, S.RecvActivation), S.RecvActivation: (-1, S.SendActivation),
+               S.SendGrad: (-1, S.RecvGrad), S.RecvGrad: (1, S.SendGrad)}
+    pc, clock = [0] * stages, [0.0] * stages
+    while any(pc[i] < len(programs[i]) for i in range(stages)):
+        progressed = False
+        for i in range(stages):
+            while pc[i] < len(programs[i]):
+                cmd = programs[i][pc[i]]
+                if type(cmd) in partner:
+                    step, kind = partner[type(cmd)]
+                    j = i + step
+                    if pc[j] >= len(programs[j]) or not isinstance(programs[j][pc[j]], kind):
+                        break  # wait for the other stage to reach the matching command
+                    clock[i] = clock[j] = max(clock[i], clock[j])
+                    pc[j] += 1
+                else:
+                    clock[i] += fwd[i] if isinstance(cmd, S.ForwardPass) else \
+                        bwd[i] if isinstance(cmd, S.BackwardPass) else 0.0
+                pc[i] += 1
+                progressed = True
+        assert progressed, "the schedule deadlocked"
+    return max(clock)
+
+
+def stage_seconds_by_hand(cfg, plan) -> tuple[list[float], list[float]]:
+    """Forward and backward time of one micro-batch per stage, from DeepSpeed's partition of the layer specs:
+    a layer's forward is 2 N_layer + 4 h s FLOPs per token, its backward twice that plus the forward again when
+    checkpointed; the output layer's 2 V h and 4 V h."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    L, h, s, V = cfg.num_layers, cfg.hidden_size, cfg.seq_length, cfg.vocab_size
+    d = h // cfg.num_attention_heads
+    n_layer = h * d * (2 * cfg.num_attention_heads + 2 * cfg.kv_heads) + 3 * h * cfg.intermediate_size
+    lay = plan.layout
+    items = ["embedding"] + ["layer"] * L + ["final_norm", "output"]
+    bounds = partition_balanced([1 if i == "layer" else 0 for i in items], lay.pp)
+    per_token = lay.micro * s / (lay.tp * plan.tflops * 1e12)
+    fwd, bwd = [], []
+    for stage in range(lay.pp):
+        specs = items[bounds[stage]:bounds[stage + 1]]
+        layer_fwd, output_fwd = specs.count("layer") * (2 * n_layer + 4 * h * s), specs.count("output") * 2 * V * h
+        fwd.append((layer_fwd + output_fwd) * per_token)
+        bwd.append((2 * layer_fwd + (layer_fwd if lay.checkpoint else 0) + 2 * output_fwd) * per_token)
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("names,gpus,gpu,update,exact", [
+    (["astrosage70b_cpt.yml"], 2048, "mi250x", {}, True),  # the paper's layout: stage 7 also runs the output layer
+    (["llama3.1-8b.yml"], 4, "h100", {"pipe_parallel_size": 4, "gradient_accumulation_steps": 8}, True),
+    # 126 layers over 16 stages: the first 14 get 8 layers, the last two 7 (and the output layer)
+    (["llama3.1-405b.yml"], 128, "h100", {"model_parallel_size": 8, "pipe_parallel_size": 16,
+                                          "gradient_accumulation_steps": 16, "checkpoint_activations": True}, False),
+])
+def test_step_time_is_deepspeeds_1f1b_schedule_over_unequal_stages(names, gpus, gpu, update, exact):
+    cfg = load(*names).config.model_copy(update=update)
+    plan = planning.make_plan(cfg, gpus=gpus, gpu=gpu)
+    fwd, bwd = stage_seconds_by_hand(cfg, plan)
+    assert plan.stage_seconds == pytest.approx([f + b for f, b in zip(fwd, bwd)])
+    simulated = schedule_makespan(fwd, bwd, plan.layout.gas)
+    if exact:  # the slowest stage is the last: the planner's formula is the schedule's
+        assert plan.step_seconds == pytest.approx(simulated, rel=1e-9)
+        balanced = plan.compute_seconds / (1 - plan.bubble)  # what equal stages would take
+        assert simulated > 1.03 * balanced
+    else:  # a slowest stage before the last overlaps a little more: the planner errs long, by little
+        assert simulated <= plan.step_seconds <= simulated * 1.01
 
 
 # ------------------------------------------------------------------------------------------ activations (CPU)
@@ -192,6 +293,35 @@ def test_eager_cross_entropy_backward_peak_is_what_the_planner_assumes(single_ra
     assert tracker.peak == pytest.approx(beyond_logits, rel=1e-3)  # the rest: per-token vectors (lse, grad)
 
 
+@pytest.mark.parametrize("matrices,vectors", [(600, 40), (400, 40), (400, 0), (0, 40)])
+def test_gradient_allreduce_memory_is_what_deepspeeds_bucketing_allocates(matrices, vectors, monkeypatch):
+    """DeepSpeed's own allreduce_no_retain (which _bf16_reduce_grads reaches) run on CPU over the BF16 optimizer's
+    flat fp32 gradient buffers, one per parameter group, with a bucket of 500 elements standing in for its 500M
+    and the communication dtype the trainer configures: the bytes it allocates are the planner's term."""
+    import types
+
+    from deepspeed.runtime import engine as ds_engine
+    from deepspeed.runtime.config import get_communication_data_type
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from megatron.config.deepspeed_config import deepspeed_config
+
+    cfg = load("astrosage70b_cpt.yml").config
+    comm = get_communication_data_type(deepspeed_config(cfg, 32, "bf16"))  # what the engine reads from it
+    monkeypatch.setattr(ds_engine.dist, "all_reduce", lambda *a, **k: None)  # one rank: the sum is the tensor
+    monkeypatch.setattr(planning, "ALLREDUCE_BUCKET", 500)
+    engine = types.SimpleNamespace(flatten=_flatten_dense_tensors, unflatten=_unflatten_dense_tensors,
+                                   communication_data_type=comm, gradient_average=False)
+    for name in ("allreduce_bucket", "allreduce_and_copy"):
+        setattr(engine, name, getattr(ds_engine.DeepSpeedEngine, name).__get__(engine))
+    buffers = [torch.ones(n) for n in (matrices, vectors) if n]  # param_groups drops an empty group
+    with LiveBytes() as tracker:
+        tracker._seen.update(b.untyped_storage().data_ptr() for b in buffers)  # they exist already
+        ds_engine.DeepSpeedEngine.allreduce_no_retain(engine, buffers, dp_group=None, numel_per_bucket=500,
+                                                      dp_world_size=1)
+    assert tracker.peak == planning.allreduce_bytes(matrices, vectors, planning.precision_of(cfg))
+
+
 # ------------------------------------------------------------------------------------------ measured peaks (GPU)
 def test_predicted_peak_is_within_15_percent_of_every_gpu_measurement():
     records = json.loads(MEASUREMENTS.read_text())
@@ -237,6 +367,19 @@ def test_cli_plans_the_astrosage_layout_and_it_fits(capsys):
     assert "7/23 = 30.4%" in out
 
 
+def test_the_paper_layout_in_the_docs_is_what_the_cli_prints(capsys):
+    """docs/planning.md shows the paper's plan as an excerpt ("  ..." for the legend): every other line is the
+    tool's, in order."""
+    docs = (ROOT / "docs" / "planning.md").read_text()
+    command = "$ python tools/plan.py configs/astrosage70b_cpt.yml --gpu mi250x --train-iters 512\n"
+    shown = docs[docs.index(command) + len(command):].split("```", 1)[0].splitlines()
+    assert cli_main()(command.split()[3:]) == 0
+    printed = iter(capsys.readouterr().out.splitlines())
+    for line in shown:
+        if line != "  ...":
+            assert line in printed, line  # consumes the output up to the line: order is checked too
+
+
 def test_a_layout_that_does_not_fit_gets_a_suggestion_that_fits(capsys):
     main = cli_main()
     assert main(["configs/astrosage70b_cpt.yml", "--gpu", "mi250x", "--no-checkpoint", "--strict"]) == 1
@@ -259,8 +402,6 @@ def test_a_layout_that_does_not_fit_gets_a_suggestion_that_fits(capsys):
 def test_suggestions_for_a_selective_config_are_configs_the_validator_accepts():
     """Selective recompute needs checkpointing and no partitioning: a suggestion that turns partitioning on must
     also say `recompute_granularity: full`, or following it gives a config deepy.py refuses."""
-    import yaml
-
     from megatron.config.validate import _parallel
 
     # Selective keeps the matmul outputs: at TP 8 two sequences per micro-batch overflow a 64 GB GCD.
@@ -274,10 +415,88 @@ def test_suggestions_for_a_selective_config_are_configs_the_validator_accepts():
     changes = cli_main().__globals__["_changes"]  # tools/plan.py: the "set:" line of each suggestion
     assert {p.layout.selective for p in found} == {True, False}  # both kinds of way out are offered here
     for p in found:
-        keys = yaml.safe_load("{" + ", ".join(changes(p.layout, plan.layout)) + "}")
+        keys = changes(p.layout, plan.layout)
         followed = cfg.model_copy(update=keys)
         assert not _parallel(followed, 2048), (p.layout.describe(), keys)
         assert planning.layout_of(followed, 2048) == p.layout
+
+
+SUGGESTION_CASES = {
+    # checkpointing every 5 layers and 2 sequences per micro-batch overflow a GCD; the fixes checkpoint every layer
+    "checkpoint_num_layers": (["astrosage70b_cpt.yml"], None, "mi250x", {
+        "checkpoint_num_layers": 5, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8}),
+    # one GPU cannot hold 405B: on 256, DP 2 divides the global batch of 16, which accumulation keeps
+    "global batch kept": (["llama3.1-405b.yml"], None, "h100", {
+        "train_batch_size": 16, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 16}),
+    # nothing fits on 128 GPUs; on 256, DP 2 does not divide 15: those layouts change it, and say so
+    "global batch changed": (["llama3.1-405b.yml"], 128, "h100", {
+        "model_parallel_size": 8, "pipe_parallel_size": 16, "checkpoint_activations": True,
+        "train_batch_size": 15, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 15}),
+    # --gpus 128 at TP 1 x PP 1 cannot keep a batch of 16 (the evaluated layout takes 2048, with a note); the
+    # suggestions, on 256 GPUs, return to the config's 16
+    "evaluated layout changed the batch": (["llama3.1-405b.yml"], 128, "h100", {
+        "train_batch_size": 16, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 16}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUGGESTION_CASES))
+def test_following_a_suggestion_gives_a_valid_config_that_fits_as_promised(case):
+    """Each suggestion's `set:` keys (tools/plan.py), written into the config and run on the suggested GPU count:
+    the trainer's validator accepts the result, and planning it from scratch gives the layout and the memory the
+    suggestion promised. The plan and the search are made as the CLI makes them (`--gpus` when a count is given)."""
+    from megatron.config.validate import _parallel
+
+    names, gpus, gpu, update = SUGGESTION_CASES[case]
+    cfg = load(*names).config.model_copy(update=update)
+    layout, _ = planning.alternative_layout(cfg, gpus=gpus)
+    plan = planning.make_plan(cfg, gpus=gpus, gpu=gpu, layout=layout)
+    batch = planning.configured_global_batch(cfg)
+    assert not plan.fits
+    found, _ = planning.suggest(cfg, plan, limit=100, batch=batch)  # all that fit at the count found
+    assert found
+    changes = cli_main().__globals__["_changes"]  # tools/plan.py: the "set:" line of each suggestion
+    for p in found:
+        keys = changes(p.layout, plan.layout, batch)
+        followed = cfg.model_copy(update=keys)
+        assert not _parallel(followed, p.gpus), (p.layout.describe(), keys)
+        again = planning.make_plan(followed, gpus=p.gpus, gpu=gpu)
+        assert again.layout == p.layout, keys
+        assert again.fits and again.peak_gib == p.peak_gib
+    batches = {p.layout.global_batch for p in found}
+    assert batches == ({16, 15} if case == "global batch changed" else {batch})
+    if case == "global batch changed":  # the ones that keep it come first
+        assert found[0].layout.global_batch == 15
+
+
+def test_a_gpu_count_tp_x_pp_does_not_divide_is_planned_and_searched_as_asked(capsys):
+    """--gpus 32 with TP 8 x PP 8: the plan says so and the search looks for layouts on 32 GPUs, not 64."""
+    main = cli_main()
+    assert main(["configs/astrosage70b_cpt.yml", "--gpu", "mi250x", "--gpus", "32", "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "32 x AMD MI250X GCD" in out
+    assert "layout problem: 32 GPUs is not a multiple of TP x PP = 64" in out
+    assert "Nearest layouts that fit on the same 32 GPUs" in out
+    cfg = load("astrosage70b_cpt.yml").config
+    for gpus, larger in ((32, None), (1, 32)):  # on 1 GPU nothing fits: 32 is the first count where one does
+        layout, _ = planning.alternative_layout(cfg, gpus=gpus)
+        plan = planning.make_plan(cfg, gpus=gpus, gpu="mi250x", layout=layout)
+        assert plan.gpus == gpus and not plan.fits
+        found, more_gpus = planning.suggest(cfg, plan)
+        assert more_gpus == larger
+        assert found and all(p.gpus == p.layout.gpus == (larger or gpus) for p in found)
+        assert all(p.layout.global_batch == 512 for p in found)
+    with pytest.raises(ValueError, match="gpus must be positive, not -8"):
+        planning.alternative_layout(cfg, gpus=-8)
+
+
+@pytest.mark.parametrize("flag,value", [("--gpus", "0"), ("--gpus", "-8"), ("--tp", "0"), ("--pp", "-2"),
+                                        ("--micro-batch", "0"), ("--mfu", "0"), ("--mfu", "-1"), ("--mfu", "1.5"),
+                                        ("--tflops", "0"), ("--train-iters", "-5"), ("--gpus", "two")])
+def test_the_cli_refuses_counts_and_rates_that_are_not_positive(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main()(["configs/astrosage70b_cpt.yml", flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: " in capsys.readouterr().err
 
 
 def test_a_model_too_big_for_its_gpus_is_told_how_many_it_needs():

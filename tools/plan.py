@@ -7,7 +7,8 @@
 The YAML files merge and validate as in deepy.py (model presets may leave data and train_iters to a run file).
 --gpus/--tp/--pp/--micro-batch/--checkpoint evaluate another layout with the same global batch. When the layout
 does not fit, the nearest one that does is suggested (on the same GPUs, else the smallest multiple of them).
-Exit status: 0; 1 with --strict when the layout does not fit; 2 when the config is invalid.
+Exit status: 0; 1 with --strict when the layout does not fit; 2 when the config or a flag's value is invalid
+(counts and rates must be above 0, --mfu at most 1).
 The model behind the numbers: docs/planning.md.
 
 On a machine with one CUDA GPU, --measure runs 3 optimizer steps of the config (TP = PP = DP = 1) through the
@@ -32,34 +33,44 @@ from megatron.config import ConfigError  # noqa: E402
 from megatron import planning  # noqa: E402
 
 
-def _changes(new: planning.Layout, old: planning.Layout) -> list[str]:
-    """The YAML keys to write for `new`, where it differs from `old`."""
-    keys = []
+def _changes(new: planning.Layout, old: planning.Layout, batch: int | None = None) -> dict[str, int | bool | str]:
+    """The config keys to write for `new`, where it differs from the evaluated layout `old`; train_batch_size
+    where the global batch differs from the config's `batch` (default: old's), which an evaluated layout may
+    already have changed (alternative_layout's note). The GPU count is not a key: see format_suggestions."""
+    keys: dict[str, int | bool | str] = {}
     if new.tp != old.tp:
-        keys.append(f"model_parallel_size: {new.tp}")
+        keys["model_parallel_size"] = new.tp
     if new.pp != old.pp:
-        keys.append(f"pipe_parallel_size: {new.pp}")
+        keys["pipe_parallel_size"] = new.pp
     if new.micro != old.micro:
-        keys.append(f"train_micro_batch_size_per_gpu: {new.micro}")
+        keys["train_micro_batch_size_per_gpu"] = new.micro
     if new.gas != old.gas:
-        keys.append(f"gradient_accumulation_steps: {new.gas}")
+        keys["gradient_accumulation_steps"] = new.gas
+    if new.global_batch != (old.global_batch if batch is None else batch):  # a config that sets it would refuse
+        keys["train_batch_size"] = new.global_batch
     if new.checkpoint != old.checkpoint:
-        keys.append(f"checkpoint_activations: {str(new.checkpoint).lower()}")
+        keys["checkpoint_activations"] = new.checkpoint
+    if new.checkpoint and new.checkpoint_layers != old.checkpoint_layers:  # the search plans every layer's
+        keys["checkpoint_num_layers"] = new.checkpoint_layers
     if new.partition != old.partition:
-        keys.append(f"partition_activations: {str(new.partition).lower()}")
+        keys["partition_activations"] = new.partition
     if new.selective != old.selective:  # the config refuses selective without checkpointing or with partitioning
-        keys.append(f"recompute_granularity: {'selective' if new.selective else 'full'}")
-    if new.gpus != old.gpus:
-        keys.append(f"num_gpus x num_nodes = {new.gpus}")
+        keys["recompute_granularity"] = "selective" if new.selective else "full"
     return keys
 
 
-def format_suggestions(plan: planning.Plan, found: list[planning.Plan], more_gpus: int | None) -> str:
+def _yaml_pairs(keys: dict[str, int | bool | str]) -> str:
+    return ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items())
+
+
+def format_suggestions(plan: planning.Plan, found: list[planning.Plan], more_gpus: int | None,
+                       batch: int | None = None) -> str:
+    """The suggested layouts with the keys to set; `batch`: the config's global batch (default the plan's)."""
+    batch = plan.layout.global_batch if batch is None else batch
     if not found:
         return (f"No layout of TP (divisors of {plan.gpu.per_node}) x PP (divisors of {plan.shape.layers} layers) "
-                f"fits {plan.gpu.name}, up to {max(plan.layout.gpus, planning.MAX_SEARCH_GPUS):,} GPUs.")
-    where = f"on {more_gpus:,} GPUs (none fits on {plan.layout.gpus:,})" if more_gpus else \
-        f"on the same {plan.layout.gpus:,} GPUs"
+                f"fits {plan.gpu.name}, up to {max(plan.gpus, planning.MAX_SEARCH_GPUS):,} GPUs.")
+    where = f"on {more_gpus:,} GPUs (none fits on {plan.gpus:,})" if more_gpus else f"on the same {plan.gpus:,} GPUs"
     lines = [f"Nearest layouts that fit {where}:"]
     for i, p in enumerate(found):
         head = "  -> " if i == 0 else "     "
@@ -67,7 +78,12 @@ def format_suggestions(plan: planning.Plan, found: list[planning.Plan], more_gpu
         lines.append(f"       peak {p.peak_gib:.1f} GiB allocated, {p.device_gib:.1f} GiB of {p.gpu.memory_gib:.0f} on "
                      f"the device (stage {p.worst.stage}); step {planning._duration(p.step_seconds)}, bubble "
                      f"{100 * p.bubble:.0f}%")
-        lines.append(f"       set: {', '.join(_changes(p.layout, plan.layout)) or '(nothing)'}")
+        keys = _changes(p.layout, plan.layout, batch)
+        gpus = f"; num_gpus x num_nodes = {p.gpus:,}" if p.gpus != plan.gpus else ""
+        lines.append(f"       set: {_yaml_pairs(keys) or '(nothing)'}{gpus}")
+        if "train_batch_size" in keys:
+            lines.append(f"       note: the global batch becomes {p.layout.global_batch}, not the config's {batch} "
+                         f"(DP {p.layout.dp}, micro-batch x accumulation {p.layout.micro} x {p.layout.gas})")
     return "\n".join(lines)
 
 
@@ -130,23 +146,44 @@ def measure(cfg, steps: int = 3) -> dict:
     }
 
 
+def _positive(kind: type):
+    """An argparse type for a count or rate that must be above zero (argparse names the flag in its error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"not {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = _positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"is a share of the peak, in (0, 1], not {text} (for TFLOP/s use --tflops)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", help="YAML files, merged in order")
-    parser.add_argument("--gpus", type=int, help="world size (default: num_gpus x num_nodes of the config)")
+    parser.add_argument("--gpus", type=_positive(int), help="world size (default: num_gpus x num_nodes of the config)")
     parser.add_argument("--gpu", choices=sorted(planning.GPUS), default=planning.DEFAULT_GPU,
                         help=f"device kind (default {planning.DEFAULT_GPU})")
     rate = parser.add_mutually_exclusive_group()
-    rate.add_argument("--tflops", type=float,
+    rate.add_argument("--tflops", type=_positive(float),
                       help="assumed TFLOP/s a GPU computes at outside the bubble, recomputation included")
-    rate.add_argument("--mfu", type=float, default=planning.DEFAULT_MFU,
+    rate.add_argument("--mfu", type=_fraction, default=planning.DEFAULT_MFU,
                       help=f"the same as a fraction of the GPU's bf16 peak (default {planning.DEFAULT_MFU})")
-    parser.add_argument("--tp", type=int, help="evaluate this tensor-parallel size instead")
-    parser.add_argument("--pp", type=int, help="evaluate this pipeline-parallel size instead")
-    parser.add_argument("--micro-batch", type=int, help="evaluate this micro-batch size instead")
+    parser.add_argument("--tp", type=_positive(int), help="evaluate this tensor-parallel size instead")
+    parser.add_argument("--pp", type=_positive(int), help="evaluate this pipeline-parallel size instead")
+    parser.add_argument("--micro-batch", type=_positive(int), help="evaluate this micro-batch size instead")
     parser.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
                         help="evaluate with/without activation checkpointing")
-    parser.add_argument("--train-iters", type=int,
+    parser.add_argument("--train-iters", type=_positive(int),
                         help="steps for the run time (when the config derives them from train_epochs at launch)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the layout does not fit")
     parser.add_argument("--measure", action="store_true", help="also measure the peak on this machine's one GPU")
@@ -165,20 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.placeholders:
         print(f"(run keys not set by these files, not needed for a plan: {', '.join(loaded.placeholders)})")
 
-    layout, notes = planning.alternative_layout(cfg, gpus=args.gpus, tp=args.tp, pp=args.pp, micro=args.micro_batch,
+    gpus = planning.config_world_size(cfg) if args.gpus is None else args.gpus
+    layout, notes = planning.alternative_layout(cfg, gpus=gpus, tp=args.tp, pp=args.pp, micro=args.micro_batch,
                                                 checkpoint=args.checkpoint)
     gpu = planning.GPUS[args.gpu]
-    tflops = args.tflops or args.mfu * gpu.peak_tflops
-    plan = planning.make_plan(cfg, gpus=args.gpus or planning.config_world_size(cfg), gpu=args.gpu, tflops=tflops,
-                              layout=layout)
+    tflops = args.mfu * gpu.peak_tflops if args.tflops is None else args.tflops
+    plan = planning.make_plan(cfg, gpus=gpus, gpu=args.gpu, tflops=tflops, layout=layout)
     plan.notes += notes
-    if args.train_iters:
+    if args.train_iters is not None:
         plan.train_iters, plan.train_epochs = args.train_iters, None
     print(planning.format_plan(plan, title=" + ".join(args.configs)))
     if not plan.fits:
         print()
-        found, more_gpus = planning.suggest(cfg, plan)
-        print(format_suggestions(plan, found, more_gpus))
+        batch = planning.configured_global_batch(cfg)  # the hyperparameter, which `plan` may not have kept
+        found, more_gpus = planning.suggest(cfg, plan, batch=batch)
+        print(format_suggestions(plan, found, more_gpus, batch))
     if args.measure:
         result = measure(cfg)
         predicted = planning.predict_peak_gib(planning.recorded_keys(cfg), 1)
