@@ -36,6 +36,17 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest value over all ranks (the peak memory that matters is the fullest GPU's, often the last
+    pipeline stage's, which holds the logits); the value itself without torch.distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    nccl = torch.distributed.get_backend() == "nccl"
+    t = torch.tensor([value], dtype=torch.float64, device=torch.cuda.current_device() if nccl else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
 class StepTimer:
     def __init__(self):
         self.t = time.perf_counter()
@@ -83,6 +94,25 @@ class MetricSinks:
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def resume_history(self, iteration: int) -> None:
+        """Take the records of the steps this run resumes after from run_dir/metrics.jsonl, so the plot and the
+        summary cover the whole run. Records past `iteration` are from a later checkpoint's run that was rolled
+        back; within the file, a record below the highest step before it starts such a rolled-back run too."""
+        if not self.enabled or iteration == 0:
+            return
+        kept: list[dict] = []
+        with open(self.run_dir / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    step = int(record["step"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a crash
+                if kept and step < kept[-1]["step"]:
+                    kept = [r for r in kept if r["step"] < step]
+                kept.append(record)
+        self.history = [r for r in kept if r["step"] <= iteration] + self.history
 
     def print(self, line: str) -> None:
         if self.enabled:

@@ -24,12 +24,12 @@ from megatron.data.data_utils import (DataExhaustedError, build_train_valid_test
                                       train_samples_needed)
 from megatron.data.tokenizer import build_tokenizer
 from megatron.guards import BadStepGuard, ExitConditions, injected_nan_steps, injected_step_delay
-from megatron.metrics import MetricSinks, StepTimer, flops_per_token, format_step, peak_memory_gib
+from megatron.metrics import MetricSinks, StepTimer, flops_per_token, format_step, max_over_ranks, peak_memory_gib
 from megatron.model.config import LlamaConfig
 from megatron.model.llama import build_model
 from megatron.optim import build_optimizer, build_scheduler, lr_at
 from megatron.parallel.layout import ParallelLayout
-from megatron.profiling import StepProfiler, install_phase_timers, phase_times_ms
+from megatron.profiling import PhaseTimes, StepProfiler, gather_stage_phases, install_phase_timers
 
 
 def _lm_batches(loader, eod_mask_id: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -123,14 +123,17 @@ class Trainer:
             loaded = self.checkpoints.load()
             if loaded is not None:
                 self.iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
+        self.sinks.resume_history(self.iteration)
         self._set_schedule_step(self.iteration)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.exit = ExitConditions(cfg.exit_interval, cfg.exit_duration_in_mins, cfg.save_on_signal, device)
         self.guard = BadStepGuard(cfg.max_bad_steps, cfg.loss_spike_factor)
         self._install_nan_injection(injected_nan_steps())
         self.step_delay = injected_step_delay()
+        self.phase_times = None
         if cfg.log_phase_times:
             install_phase_timers(self.engine)
+            self.phase_times = PhaseTimes(self.engine)
         self.profiler = StepProfiler(cfg, run_dir, rank, self.sinks.print if self.is_logger else (lambda m: None))
         self._build_data()
         n_params = self.model_cfg.count_parameters()
@@ -218,14 +221,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.profiler.finish()  # a window the run cut short is still written (and the profiler stopped)
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         flops_token = flops_per_token(self.model_cfg, cfg.seq_length)
-        timer, window_losses, window_start, last = StepTimer(), [], self.iteration, {}
+        # Throughput counts training time only: validation and checkpoint saves inside a log window are left out
+        # of `window_seconds` (as Megatron stops its interval timer around them).
+        timer, window_seconds, window_losses, window_start, last = StepTimer(), 0.0, [], self.iteration, {}
         bar = tqdm(total=cfg.train_iters, initial=self.iteration, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_logger and sys.stderr.isatty()))  # log lines suffice in files
         stop_reason = None
         while self.iteration < cfg.train_iters:
             self.profiler.before_step(self.iteration + 1)
+            lr = self.engine.get_lr()[0]  # the lr this step's update uses (the scheduler moves on after it)
             loss = self.engine.train_batch(data_iter=self.train_iter).item()  # all micro-batches, then the update
             self.iteration += 1
             # DeepSpeed does not step the scheduler on a skipped update; a resume sets the lr from the step count,
@@ -249,35 +261,42 @@ class Trainer:
                 window_losses.append(loss)
 
             if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
-                seconds = timer.lap()
+                seconds, window_seconds = window_seconds + timer.lap(), 0.0
                 steps = max(1, self.iteration - window_start)  # skipped steps did their work too
                 tokens_per_s = steps * self.global_batch * cfg.seq_length / seconds
                 last = {
                     "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
-                    "lr": self.engine.get_lr()[0],
+                    "lr": lr,
                     "grad_norm": grad_norm if grad_norm is not None else 0.0,
                     "tokens_per_s": tokens_per_s,
                     "tflops_per_gpu": flops_token * tokens_per_s / self.layout.world_size / 1e12,
-                    "peak_mem_gib": peak_memory_gib(),
+                    "peak_mem_gib": max_over_ranks(peak_memory_gib()),
                     "consumed_samples": self.consumed_samples,
                     "skipped_steps": self.guard.total_skipped,
                 }
                 if not window_losses:  # every step of the window was skipped: there is no loss to report
                     del last["loss"]
-                if cfg.log_phase_times:
-                    phases = phase_times_ms(self.engine, steps)
-                    self.sinks.log(self.iteration, phases, prefix="phase")
-                    self.sinks.print("phases (ms/step): " + " | ".join(f"{k[:-3]} {v:.1f}" for k, v in phases.items()))
+                if self.phase_times is not None:
+                    self._log_phase_times(self.phase_times.report(steps))
                 self.sinks.log(self.iteration, last)
                 if self.is_logger:
                     bar.write(format_step(self.iteration, cfg.train_iters, last))
                 window_losses, window_start = [], self.iteration
 
-            if self.valid_sets and (self.iteration % cfg.eval_interval == 0 or self.iteration == cfg.train_iters):
-                self.evaluate()
-                timer.lap()  # validation time is not training throughput
-            if self._save_due():
-                self.save()
+            eval_due = self.valid_sets and (self.iteration % cfg.eval_interval == 0
+                                            or self.iteration == cfg.train_iters)
+            save_due = self._save_due()
+            if eval_due or save_due:
+                window_seconds += timer.lap()
+                if self.phase_times is not None:
+                    self.phase_times.collect()
+                if eval_due:
+                    self.evaluate()
+                if save_due:
+                    self.save()
+                timer.lap()  # neither is training throughput
+                if self.phase_times is not None:
+                    self.phase_times.discard()
             stop_reason = self.exit.check(self.iteration)
             if stop_reason:
                 break
@@ -288,16 +307,30 @@ class Trainer:
             self.save()  # no-op if this step was just saved
         if stop_reason:
             self.sinks.print(f"stopping at step {self.iteration}: {stop_reason}; checkpoint saved, exiting cleanly")
-        train_losses = [r["train/loss"] for r in self.sinks.history if "train/loss" in r]
+        train_losses = [(r["step"], r["train/loss"]) for r in self.sinks.history if "train/loss" in r]
         if len(train_losses) > 1:
-            drop = 100.0 * (1.0 - train_losses[-1] / train_losses[0])
-            self.sinks.print(f"training loss {train_losses[0]:.4f} -> {train_losses[-1]:.4f} ({drop:.1f}% lower) "
-                             f"over {self.iteration} steps")
+            (first_step, first), (last_step, final) = train_losses[0], train_losses[-1]
+            drop = 100.0 * (1.0 - final / first)
+            self.sinks.print(f"training loss {first:.4f} (step {first_step}) -> {final:.4f} (step {last_step}), "
+                             f"{drop:.1f}% lower")
         plot = self.sinks.plot()
         if plot:
             self.sinks.print(f"loss and learning-rate curves: {plot}")
         self.sinks.close()
         return last
+
+    def _log_phase_times(self, phases: dict[str, float]) -> None:
+        """Each pipeline stage's phases (its first TP/DP rank's): the last stage holds the loss and the logits,
+        the first waits longest for gradients, so one stage's numbers would misdescribe the others."""
+        per_stage = gather_stage_phases(self.layout, phases)
+        if per_stage is None:
+            return
+        for stage, stage_phases in enumerate(per_stage):
+            prefix = f"phase/stage{stage}" if len(per_stage) > 1 else "phase"
+            where = f"stage {stage} " if len(per_stage) > 1 else ""
+            self.sinks.log(self.iteration, stage_phases, prefix=prefix)
+            self.sinks.print(f"{where}phases (ms/step): "
+                             + " | ".join(f"{k[:-3]} {v:.1f}" for k, v in stage_phases.items()))
 
     def _save_due(self) -> bool:
         cfg = self.cfg

@@ -79,6 +79,8 @@ def test_later_file_overrides_earlier_and_nested_maps_merge(tmp_path):
 MALFORMED = [
     # (overrides, key that must be named, words expected in the message)
     ({"num_layer": 4}, "num_layer", "num_layers"),  # typo → did-you-mean
+    ({"wall_clock_breakdown": True}, "wall_clock_breakdown", "log_phase_times"),  # GPT-NeoX key, named here
+    ({"log-dir": "logs"}, "log_dir", "run_dir"),
     ({"hidden_size": "wide"}, "hidden_size", "integer"),  # wrong type
     ({"num_attention_heads": 6}, "hidden_size,num_attention_heads", "divisible"),  # 64 % 6
     ({"num_kv_heads": 3}, "num_kv_heads", "multiple"),  # 4 % 3

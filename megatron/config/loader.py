@@ -76,6 +76,15 @@ def read_yaml_files(paths: list[str]) -> tuple[dict[str, Any], dict[str, str], l
     return merged, sources, overrides, issues
 
 
+# GPT-NeoX keys whose job another key does here: the fix names it (a spelling match would not find it).
+NEOX_EQUIVALENTS = {
+    "wall_clock_breakdown": "use log_phase_times: true (per-phase times, logged like the other metrics)",
+    "log_dir": "use run_dir (the resolved config, metrics.jsonl, curves.png and profile/ go there)",
+    "memory_profiling": "use profile_memory_snapshot: true with profile: true (a CUDA memory snapshot)",
+    "memory_profiling_path": "remove it: the memory snapshot goes to RUN_DIR/profile/",
+}
+
+
 def _unknown_key_issues(raw: dict[str, Any], sources: dict[str, str]) -> list[ConfigIssue]:
     known = all_keys()
     issues = []
@@ -84,6 +93,7 @@ def _unknown_key_issues(raw: dict[str, Any], sources: dict[str, str]) -> list[Co
             continue
         close = difflib.get_close_matches(k, known, n=3, cutoff=0.6)
         fix = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "remove it (see configs/README.md)"
+        fix = NEOX_EQUIVALENTS.get(k.replace("-", "_"), fix)
         issues.append(ConfigIssue(k, "unknown key", fix, value=raw[k], file=sources.get(k)))
     return issues
 

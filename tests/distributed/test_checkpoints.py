@@ -206,14 +206,15 @@ def test_nan_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path, dat
     assert records[-1]["train/skipped_steps"] >= 1
     meta = json.loads((tmp_path / "ckpt" / "global_step8" / "neox_meta.json").read_text())
     assert meta["iteration"] == 8 and meta["skipped_steps"] == 4  # DeepSpeed skipped all four updates
-    # The lr follows the step count through skipped updates, as a resume sets it (DeepSpeed alone would lag).
+    # The lr follows the step count through skipped updates, as a resume sets it (DeepSpeed alone would lag);
+    # each step logs the lr its update used, the schedule's value after the step before.
     from megatron.config.loader import load_resolved
     from megatron.optim import lr_at
 
     cfg = load_resolved(tmp_path / "run" / "config.yml")
     lrs = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
     assert sorted(lrs) == list(range(1, 8)) and all(  # step 8 stops the run before its log line
-        lrs[s] == pytest.approx(lr_at(s, cfg), rel=1e-9) for s in lrs)
+        lrs[s] == pytest.approx(lr_at(s - 1, cfg), rel=1e-9) for s in lrs)
 
 
 def test_loading_a_checkpoint_of_another_shape_names_both_shapes(tmp_path, data, small_1rank):
@@ -266,7 +267,7 @@ def test_finetune_override_lr_scheduler_and_exit_interval(tmp_path, data, small_
     assert sorted(lrs) == [5, 6]
     new_cfg = load_config([str(cfg_path)]).config
     for step, lr in lrs.items():
-        assert lr == pytest.approx(lr_at(step, new_cfg), rel=1e-9)
+        assert lr == pytest.approx(lr_at(step - 1, new_cfg), rel=1e-9)  # the lr step `step` trained with
     assert json.loads((tmp_path / "override" / "ckpt" / "global_step6" / "neox_meta.json").read_text())["iteration"] == 6
 
     # finetune: weights only, a new run from step 1 with a fresh optimizer and schedule.
