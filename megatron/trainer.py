@@ -39,13 +39,17 @@ def _lm_batches(loader, eod_mask_id: Optional[int] = None) -> Iterator[tuple[tor
     then, rather than starting the loader again, which would silently repeat samples (and spin forever on an
     empty loader).
 
+    With label datasets (SFT) the targets are the batch's "labels", shifted like the tokens: -100 there (the
+    prompt, in chat data) takes no loss.
+
     eod_mask_id (eod_mask_loss): positions whose input token is this EOD id get label -100, which the loss
     ignores: the token after a document's end is not predicted from that document. Document ids for
     reset_position_ids / reset_attention_mask are computed by the model's embedding stage from the inputs."""
     served = 0
     for batch in loader:
         tokens = batch["tokens"]
-        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        targets = batch.get("labels", tokens)
+        inputs, labels = tokens[:, :-1].contiguous(), targets[:, 1:].contiguous()
         if eod_mask_id is not None:
             labels = labels.masked_fill(inputs.eq(eod_mask_id), -100)
         served += 1
@@ -198,6 +202,8 @@ class Trainer:
             train_data_paths=cfg.train_data_paths, train_data_weights=cfg.train_data_weights,
             valid_data_paths=cfg.valid_data_paths, valid_data_weights=cfg.valid_data_weights,
             test_data_paths=cfg.test_data_paths, test_data_weights=cfg.test_data_weights,
+            train_label_data_paths=cfg.train_label_data_paths, valid_label_data_paths=cfg.valid_label_data_paths,
+            test_label_data_paths=cfg.test_label_data_paths,
             data_path=cfg.data_path, split=cfg.split, seq_length=cfg.seq_length, seed=cfg.seed,
             train_num_samples=0 if epochs else train_samples,
             # The same validation samples every evaluation, so the curve compares like with like.

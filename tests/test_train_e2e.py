@@ -86,3 +86,34 @@ def test_two_rank_pipeline_run_trains_logs_and_saves(tmp_path):
     assert (tmp_path / "run" / "config.yml").exists() and (tmp_path / "run" / "curves.png").exists()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def sft_corpus(prefix: str, n_docs: int = 200, seed: int = 0) -> tuple[str, str]:
+    """Conversations whose prompt is random tokens (no loss: label -100) and whose answer repeats one token (the
+    targets): trained on the answers alone the loss falls near zero; counting the prompts it could not."""
+    rng = np.random.default_rng(seed)
+    text, labels = prefix + "_messages_document", prefix + "_messages_label_document"
+    with IndexedDatasetWriter(text, np.int32) as t, IndexedDatasetWriter(labels, np.int32) as lab:
+        for _ in range(n_docs):
+            prompt, answer = rng.integers(0, VOCAB, size=24), np.full(24, 7)
+            t.add_document(np.concatenate([prompt, answer]))
+            lab.add_document(np.concatenate([np.full(24, -100), answer]))
+        t.finalize()
+        lab.finalize()
+    return text, labels
+
+
+@pytest.mark.distributed
+def test_sft_run_takes_the_loss_on_labelled_tokens_only(tmp_path):
+    train, train_labels = sft_corpus(str(tmp_path / "train"))
+    valid, valid_labels = sft_corpus(str(tmp_path / "valid"), n_docs=20, seed=1)
+    proc = run_deepy(tmp_path, {"num_gpus": 2, "pipe_parallel_size": 2, "train_data_paths": [train],
+                                "train_label_data_paths": [train_labels], "valid_data_paths": [valid],
+                                "valid_label_data_paths": [valid_labels], "train_iters": 30, "log_interval": 10,
+                                "eval_interval": 30, "save": None})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_loss = [r["train/loss"] for r in records if "train/loss" in r]
+    valid_loss = [r["valid/loss"] for r in records if "valid/loss" in r]
+    # Half of every conversation is random tokens (ln 256 = 5.5 nats each): a loss over all tokens stays above 2.7.
+    assert train_loss[0] > 3.0 and train_loss[-1] < 1.0 and valid_loss[-1] < 1.0, (train_loss, valid_loss)

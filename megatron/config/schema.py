@@ -211,6 +211,13 @@ class DataArgs(_Strict):
     valid_data_weights: Optional[list[float]] = Field(None, description="Blend weights of valid_data_paths.")
     test_data_paths: Optional[list[str]] = Field(None, description="Test dataset prefixes.")
     test_data_weights: Optional[list[float]] = Field(None, description="Blend weights of test_data_paths.")
+    train_label_data_paths: Optional[list[str]] = Field(
+        None, description="Label dataset prefixes, one per train_data_paths entry (SFT: "
+        "tools/datasets/preprocess_data_with_chat_template.py writes them): the target ids, -100 where no loss is taken.")
+    valid_label_data_paths: Optional[list[str]] = Field(
+        None, description="Label dataset prefixes, one per valid_data_paths entry.")
+    test_label_data_paths: Optional[list[str]] = Field(
+        None, description="Label dataset prefixes, one per test_data_paths entry.")
     data_impl: Literal["mmap"] = Field("mmap", description="Dataset format (Megatron mmap .bin/.idx).")
     data_cache_dir: Optional[str] = Field(None, description="Where sample indices are cached; unset means beside data.")
     tokenizer_type: Literal["Llama3Tokenizer", "HFTokenizer", "SPMTokenizer"] = Field(

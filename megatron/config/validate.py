@@ -252,6 +252,16 @@ def _data(cfg: "NeoXConfig") -> list[ConfigIssue]:
         if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
             issues.append(ConfigIssue(f"{kind}_data_weights", "weights must be non-negative with a positive sum",
                                       "use e.g. [0.7, 0.3]", weights))
+        labels = getattr(cfg, f"{kind}_label_data_paths")
+        if labels is not None and (paths is None or len(paths) != len(labels)):
+            issues.append(ConfigIssue(
+                f"{kind}_label_data_paths", f"{len(labels)} label datasets for {len(paths or [])} {kind}_data_paths",
+                f"give one label prefix per entry of {kind}_data_paths (data_path + split takes no labels)", labels))
+    if cfg.train_label_data_paths and cfg.train_epochs is not None:
+        issues.append(ConfigIssue(
+            "train_label_data_paths,train_epochs", "label datasets are read with train_iters, not train_epochs",
+            "set train_iters = ceil(epochs x samples / global batch), samples = tokens // seq_length "
+            "(tools/datasets/inspect_dataset.py prints the tokens)", cfg.train_epochs))
     try:
         parts = [float(x) for x in cfg.split.replace("/", ",").split(",")]
         if len(parts) != 3 or any(x < 0 for x in parts) or sum(parts) <= 0:

@@ -56,14 +56,19 @@ def _blend(
     seq_length: int,
     seed: int,
     cache_dir: str | None,
+    label_prefixes: Sequence[str] | None = None,
 ) -> GPTDataset | BlendableDataset:
     if weights is None or len(weights) == 0:
         weights = [1.0] * len(prefixes)
     if len(weights) != len(prefixes):
         raise ValueError(f"{split_name}: {len(prefixes)} data paths but {len(weights)} weights")
+    if label_prefixes is not None and len(label_prefixes) != len(prefixes):
+        raise ValueError(f"{split_name}: {len(prefixes)} data paths but {len(label_prefixes)} label data paths")
+    labels = [IndexedDataset(p) for p in label_prefixes] if label_prefixes else [None] * len(prefixes)
     if len(prefixes) == 1:
         indexed = IndexedDataset(prefixes[0])
-        return GPTDataset(indexed, f"{split_name}_0", num_samples, seq_length, seed, cache_dir=cache_dir)
+        return GPTDataset(indexed, f"{split_name}_0", num_samples, seq_length, seed, cache_dir=cache_dir,
+                          labels=labels[0])
     total = float(sum(weights))
     # The blend first, then each component sized to hold what the blend takes from it: the margin alone can fall
     # short, because the even merge may take ceil(n * w) + 1 samples from a component whose 0.5% of n * w is
@@ -78,8 +83,9 @@ def _blend(
             seq_length,
             seed,
             cache_dir=cache_dir,
+            labels=label,
         )
-        for i, (prefix, w) in enumerate(zip(prefixes, weights))
+        for i, (prefix, w, label) in enumerate(zip(prefixes, weights, labels))
     ]
     return BlendableDataset(components, weights, num_samples, seed, indices=indices)
 
@@ -92,6 +98,9 @@ def build_train_valid_test_datasets(
     valid_data_weights: Sequence[float] | None = None,
     test_data_paths: Sequence[str] | None = None,
     test_data_weights: Sequence[float] | None = None,
+    train_label_data_paths: Sequence[str] | None = None,
+    valid_label_data_paths: Sequence[str] | None = None,
+    test_label_data_paths: Sequence[str] | None = None,
     data_path: str | None = None,
     split: str = "969,30,1",
     seq_length: int,
@@ -104,10 +113,14 @@ def build_train_valid_test_datasets(
     """(train, valid, test) datasets; a split with no data or no requested samples is None.
 
     Either `data_path` (one corpus, cut into contiguous document ranges by `split`) or `*_data_paths` (separate
-    corpora per split, blended by `*_data_weights`, equal by default).
+    corpora per split, blended by `*_data_weights`, equal by default), the latter optionally with
+    `*_label_data_paths` (one label dataset per data path: samples then carry "labels" beside "tokens").
     """
     num_samples = (train_num_samples, valid_num_samples, test_num_samples)
+    label_paths = (train_label_data_paths, valid_label_data_paths, test_label_data_paths)
     if data_path is not None:
+        if any(label_paths):
+            raise ValueError("label data paths go with train/valid/test_data_paths, not with data_path")
         if train_data_paths or valid_data_paths or test_data_paths:
             raise ValueError("give either data_path (with split) or train/valid/test_data_paths, not both")
         indexed = IndexedDataset(data_path)
@@ -131,8 +144,8 @@ def build_train_valid_test_datasets(
         raise ValueError("no training data: set data_path or train_data_paths")
     weights = (train_data_weights, valid_data_weights, test_data_weights)
     out = [
-        _blend(list(p), w, name, n, seq_length, seed, cache_dir) if p and n > 0 else None
-        for name, p, w, n in zip(_SPLIT_NAMES, paths, weights, num_samples)
+        _blend(list(p), w, name, n, seq_length, seed, cache_dir, labels) if p and n > 0 else None
+        for name, p, w, n, labels in zip(_SPLIT_NAMES, paths, weights, num_samples, label_paths)
     ]
     return out[0], out[1], out[2]
 
@@ -205,7 +218,8 @@ class DataExhaustedError(RuntimeError):
 
 
 def collate_tokens(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {"tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples])).long()}
+    """Stacks each field of the samples ("tokens", and "labels" with label datasets)."""
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples])).long() for key in samples[0]}
 
 
 def make_data_loader(
@@ -216,6 +230,7 @@ def make_data_loader(
     consumed_samples: int,
     num_workers: int = 0,
 ) -> DataLoader:
-    """A DataLoader yielding {"tokens": LongTensor[micro_batch_size, seq_length + 1]} for this DP rank."""
+    """A DataLoader yielding {"tokens": LongTensor[micro_batch_size, seq_length + 1]} (and "labels" alike, with
+    label datasets) for this DP rank."""
     sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_tokens)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from megatron.data.index_cache import rank_zero_first
-from megatron.data.indexed_dataset import IndexedDataset, bin_path, idx_path
+from megatron.data.indexed_dataset import CorruptDatasetError, IndexedDataset, bin_path, idx_path
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,23 @@ def empty_data_message(name: str, datasets: list[IndexedDataset], selected: int 
             f"means preprocessing kept no documents (see its .stats.json).")
 
 
+def check_labels_match(indexed: IndexedDataset, labels: IndexedDataset) -> None:
+    """A label dataset must have its token dataset's documents and sequence lengths, position for position."""
+    problem = None
+    if labels.num_documents != indexed.num_documents:
+        problem = f"{labels.num_documents:,} documents, the tokens {indexed.num_documents:,}"
+    elif not np.array_equal(labels.document_indices, indexed.document_indices):
+        problem = "its documents are split into sequences differently"
+    elif not np.array_equal(labels.sequence_lengths, indexed.sequence_lengths):
+        bad = int(np.flatnonzero(labels.sequence_lengths != indexed.sequence_lengths)[0])
+        problem = (f"sequence {bad} holds {int(labels.sequence_lengths[bad])} labels for "
+                   f"{int(indexed.sequence_lengths[bad])} tokens")
+    if problem:
+        raise CorruptDatasetError(f"label dataset {labels.prefix} does not match token dataset {indexed.prefix}: "
+                                  f"{problem}. Write both with the same preprocessing run "
+                                  "(tools/datasets/preprocess_data_with_chat_template.py).")
+
+
 class GPTDataset:
     """`num_samples` samples of `seq_length + 1` tokens from `indexed` (see the module docstring)."""
 
@@ -243,10 +260,14 @@ class GPTDataset:
         seed: int,
         document_ids: np.ndarray | None = None,
         cache_dir: str | None = None,
+        labels: IndexedDataset | None = None,
     ) -> None:
         if num_samples <= 0 or seq_length <= 0:
             raise ValueError(f"num_samples ({num_samples}) and seq_length ({seq_length}) must be positive")
+        if labels is not None:
+            check_labels_match(indexed, labels)
         self.indexed = indexed
+        self.labels = labels  # SFT: per-token targets, -100 where no loss is taken; read at the tokens' positions
         self.name = name
         self.num_samples = num_samples
         self.seq_length = seq_length
@@ -399,12 +420,18 @@ class GPTDataset:
             raise IndexError(f"sample {i} out of range for {self.name} ({self.num_samples} samples)")
         position, offset = (int(v) for v in self.sample_index[int(self.shuffle_index[i])])
         needed = self.seq_length + 1
-        pieces = []
+        pieces, label_pieces = [], []
         while needed > 0:
-            document = self.indexed.document_tokens(int(self.doc_order[position]))
+            doc = int(self.doc_order[position])
+            document = self.indexed.document_tokens(doc)
             take = min(needed, len(document) - offset)
             pieces.append(document[offset : offset + take])
+            if self.labels is not None:
+                label_pieces.append(self.labels.document_tokens(doc)[offset : offset + take])
             needed -= take
             position += 1
             offset = 0
-        return {"tokens": np.concatenate(pieces).astype(np.int64)}
+        sample = {"tokens": np.concatenate(pieces).astype(np.int64)}
+        if self.labels is not None:
+            sample["labels"] = np.concatenate(label_pieces).astype(np.int64)
+        return sample
