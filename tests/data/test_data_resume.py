@@ -116,7 +116,8 @@ def test_trainer_builds_enough_data_for_a_resume_with_a_smaller_global_batch(tmp
         train_iters=10, train_data_paths=[prefix], train_data_weights=None, valid_data_paths=None,
         valid_data_weights=None, test_data_paths=None, test_data_weights=None, data_path=None, split="969,30,1",
         seq_length=SEQ, seed=1, eval_iters=0, data_cache_dir=str(tmp_path / "c"), train_micro_batch_size_per_gpu=1,
-        num_workers=0, eod_mask_loss=False)
+        num_workers=0, eod_mask_loss=False, train_label_data_paths=None, valid_label_data_paths=None,
+        test_label_data_paths=None)
     printed = []
     loaders = []
 
