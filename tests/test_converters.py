@@ -334,6 +334,150 @@ def test_export_with_llama3_vocab_loads_offline_in_a_clean_transformers_process(
     assert (config["bos_token_id"], config["eos_token_id"], config["vocab_size"]) == (128000, 128001, 128256)
 
 
+# --------------------------------------------------------------------------------------------- chat-model export
+CHAT_PROCESS = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+messages = json.loads(sys.argv[3])
+out = {}
+for kind, path in (("chat", sys.argv[1]), ("base", sys.argv[2])):
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = torch.tensor([prompt])
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    turn = messages + [{"role": "assistant", "content": "A quasar is an active galactic nucleus."}]
+    out[kind] = {
+        "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id,
+        "generation_config_eos": GenerationConfig.from_pretrained(path).eos_token_id,
+        "model_eos": model.generation_config.eos_token_id,
+        "prompt": prompt, "new": generated[0, len(prompt):].tolist(),
+        "turn": tok.apply_chat_template(turn, tokenize=True, return_dict=False),
+        "answer": tok.encode("A quasar is an active galactic nucleus.", add_special_tokens=False),
+    }
+print(json.dumps(out))
+"""
+
+
+def always_eot_llama3_model():
+    """A tiny Llama-3-vocabulary model whose greedy next token is always <|eot_id|> (128009): every token embeds
+    to the same vector e, the layers add nothing (o_proj and down_proj zero), and lm_head scores only row 128009
+    (= e, so its logit e . norm(e) is positive while all others are 0)."""
+    model = tiny_hf_llama(vocab=hf_config.LLAMA3_VOCAB_SIZE, layers=2, seed=7, bos_token_id=128000,
+                          eos_token_id=128001)
+    with torch.no_grad():
+        e = torch.rand(64, generator=torch.Generator().manual_seed(7)) + 0.5
+        model.model.embed_tokens.weight.copy_(e.expand_as(model.model.embed_tokens.weight))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[128009] = e
+    assert (model.model.norm.weight > 0).all()
+    return model
+
+
+@pytest.fixture(scope="module")
+def eot_checkpoint(work) -> Path:
+    src = work / "hf_always_eot"
+    always_eot_llama3_model().save_pretrained(str(src))
+    return hf_to_neox(src, work / "neox_always_eot", 1, 1, **QUIET).parent
+
+
+@pytest.fixture(scope="module")
+def eot_base_export(work, eot_checkpoint) -> Path:
+    """The same checkpoint exported without --chat-model (a base model)."""
+    return neox_to_hf(eot_checkpoint, work / "hf_eot_base", **QUIET)
+
+
+def test_chat_model_export_stops_at_eot_in_transformers(work, eot_checkpoint, eot_base_export):
+    """--chat-model: eos_token <|eot_id|>, eos_token_id [128001, 128008, 128009] as Meta's Llama-3.1-*-Instruct;
+    in a clean transformers process the chat template gives ChatFormat's tokens, an assistant turn ends with
+    <|eot_id|>, and generation stops at <|eot_id|>; the same checkpoint exported without the flag does not stop."""
+    from megatron.checkpoint.hf_tokenizer import CHAT_TEMPLATE
+
+    base = eot_base_export
+    chat = work / "hf_eot_chat"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "ckpts" / "convert_neox_to_hf.py"), "--input-dir",
+                           str(eot_checkpoint), "--output-dir", str(chat), "--chat-model", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chat model: eos_token <|eot_id|>, eos_token_id [128001, 128008, 128009]" in proc.stderr
+
+    files = {d: {n: json.loads((d / n).read_text()) for n in ("config.json", "generation_config.json",
+                                                               "tokenizer_config.json", "special_tokens_map.json")}
+             for d in (base, chat)}
+    assert files[chat]["generation_config.json"] == {**files[base]["generation_config.json"],
+                                                     "eos_token_id": [128001, 128008, 128009]}
+    assert files[chat]["generation_config.json"]["bos_token_id"] == 128000
+    assert files[chat]["config.json"] == {**files[base]["config.json"], "eos_token_id": [128001, 128008, 128009]}
+    assert files[chat]["tokenizer_config.json"] == {**files[base]["tokenizer_config.json"], "eos_token": "<|eot_id|>"}
+    assert files[chat]["special_tokens_map.json"]["eos_token"]["content"] == "<|eot_id|>"
+    # Without the flag: the base model's, as before; the chat template is written in both.
+    assert files[base]["generation_config.json"]["eos_token_id"] == 128001
+    assert files[base]["config.json"]["eos_token_id"] == 128001
+    assert files[base]["tokenizer_config.json"]["eos_token"] == "<|end_of_text|>"
+    assert files[base]["tokenizer_config.json"]["chat_template"] == CHAT_TEMPLATE
+
+    messages = [{"role": "system", "content": "detailed thinking off"},
+                {"role": "user", "content": "What is a quasar?"}]
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    clean_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-I", "-c", CHAT_PROCESS, str(chat), str(base), json.dumps(messages)],
+                          capture_output=True, text=True, timeout=300, env=clean_env, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    c, b = got["chat"], got["base"]
+    assert (c["eos_token"], c["eos_token_id"]) == ("<|eot_id|>", 128009)
+    assert c["generation_config_eos"] == c["model_eos"] == [128001, 128008, 128009]
+    assert c["new"] == [128009]  # stopped at the end of the assistant's turn
+    assert (b["eos_token"], b["eos_token_id"], b["generation_config_eos"]) == ("<|end_of_text|>", 128001, 128001)
+    assert b["new"] == [128009] * 5  # a base model's config does not stop there
+
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    reference = ChatFormat(Tokenizer.get_instance()).encode_dialog_prompt(
+        [RawMessage(role=m["role"], content=m["content"]) for m in messages]).tokens
+    assert c["prompt"] == b["prompt"] == reference
+    # A finished assistant turn is the prompt, the answer and <|eot_id|>: what SFT trains the model to produce.
+    assert c["turn"] == reference + c["answer"] + [128009]
+
+
+def test_chat_model_export_edits_copied_tokenizers_and_refuses_other_vocabularies(work, eot_base_export, converted,
+                                                                                    capsys):
+    import importlib.util
+    import shutil
+
+    from megatron.checkpoint.hf_tokenizer import CHAT_TEMPLATE, make_chat_model
+
+    # Copied tokenizer files (--tokenizer-dir), e.g. a base model's without a chat template, eos as a mapping.
+    d = work / "chat_copied"
+    shutil.copytree(eot_base_export, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    cfg["eos_token"] = {"__type": "AddedToken", "content": "<|end_of_text|>", "special": True}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert sorted(make_chat_model(d)) == ["config.json", "generation_config.json", "special_tokens_map.json",
+                                          "tokenizer_config.json"]
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    assert cfg["eos_token"] == {"__type": "AddedToken", "content": "<|eot_id|>", "special": True}
+    assert cfg["chat_template"] == CHAT_TEMPLATE
+
+    spec = importlib.util.spec_from_file_location("cli", ROOT / "tools" / "ckpts" / "convert_neox_to_hf.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = work / "chat_refused"
+    assert cli.main(["--input-dir", str(converted[(1, 1)]), "--output-dir", str(out), "--chat-model",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --chat-model needs the Llama-3 vocabulary") and f"vocab_size is {VOCAB}" in err
+    assert not out.exists()  # refused before anything was written
+
+
 # --------------------------------------------------------------------------------------------- Llama-3.1 config
 def test_config_json_for_llama31_8b_matches_meta_release():
     """The exported config.json of an 8B-shaped checkpoint (model keys from configs/llama3.1-8b.yml)."""

@@ -17,6 +17,10 @@ from megatron.model.config import LlamaConfig
 
 LLAMA3_VOCAB_SIZE = 128256  # 128000 BPE ranks + 256 special tokens
 LLAMA3_BOS_ID, LLAMA3_EOS_ID = 128000, 128001
+# <|end_of_text|>, <|eom_id|> (end of a message that calls a tool) and <|eot_id|> (end of a turn): what Meta's
+# Llama-3.1-*-Instruct releases list as eos_token_id in config.json and generation_config.json, so that generation
+# stops at the end of the assistant's turn.
+LLAMA31_CHAT_EOS_IDS = (LLAMA3_EOS_ID, 128008, 128009)
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -220,6 +224,12 @@ def generation_config(bos: Optional[int], eos: Optional[int], transformers_versi
     if transformers_version:
         out["transformers_version"] = transformers_version
     return out
+
+
+def chat_generation_config(gen: dict) -> dict:
+    """`gen` for an assistant (SFT) model: eos_token_id is LLAMA31_CHAT_EOS_IDS, as in Meta's
+    Llama-3.1-*-Instruct generation_config.json (whose sampling defaults are the base model's: 0.6 / 0.9)."""
+    return {**gen, "eos_token_id": list(LLAMA31_CHAT_EOS_IDS)}
 
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size", "vocab_size",

@@ -3,7 +3,10 @@
 `tokenizer.json` is the tiktoken BPE (128000 ranks, Llama-3's split regex) converted by transformers'
 `TikTokenConverter`, plus Llama-3.1's 256 special tokens and a post-processor that prepends <|begin_of_text|>, as
 Meta's release does. `tokenizer_config.json` names the generic `PreTrainedTokenizerFast` class (loadable by
-transformers 4.x and 5.x, vLLM, mergekit) and carries a Llama-3.1 chat template without the tool-use parts.
+transformers 4.x and 5.x, vLLM, mergekit) and always carries a Llama-3.1 chat template without the tool-use parts;
+its eos_token is the base model's <|end_of_text|>. `make_chat_model` turns an export into an assistant model's:
+eos_token <|eot_id|> and generation stopping at <|end_of_text|>, <|eom_id|> or <|eot_id|>, as Meta's
+Llama-3.1-*-Instruct releases.
 """
 
 from __future__ import annotations
@@ -13,9 +16,16 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from megatron.checkpoint.hf_config import LLAMA3_BOS_ID, LLAMA3_EOS_ID, LLAMA3_VOCAB_SIZE
+from megatron.checkpoint.hf_config import (
+    LLAMA3_BOS_ID,
+    LLAMA3_EOS_ID,
+    LLAMA3_VOCAB_SIZE,
+    LLAMA31_CHAT_EOS_IDS,
+    chat_generation_config,
+)
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+EOT = "<|eot_id|>"  # ends every chat message; an assistant model's eos_token
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 # <|begin_of_text|>, then per message <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>; the generation
@@ -103,3 +113,35 @@ def copy_tokenizer(src_dir: Path, out_dir: Path) -> list[str]:
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
         raise FileNotFoundError(f"{src_dir} holds no tokenizer.json or tokenizer.model")
     return copied
+
+
+def make_chat_model(out_dir: Path) -> list[str]:
+    """Rewrite an exported Llama-3 model directory as an assistant (SFT) model's, as Meta's Llama-3.1-*-Instruct
+    releases ship: eos_token <|eot_id|> in tokenizer_config.json and special_tokens_map.json (a tokenizer
+    without a chat template gets CHAT_TEMPLATE), eos_token_id [128001, 128008, 128009] in generation_config.json
+    and config.json. Returns the names of the files changed."""
+    out_dir = Path(out_dir)
+    changed = []
+
+    def rewrite(name: str, edit) -> None:
+        path = out_dir / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            path.write_text(json.dumps(edit(data), indent=2, ensure_ascii=False) + "\n")
+            changed.append(name)
+
+    def eos_eot(data: dict) -> dict:
+        eos = data.get("eos_token")
+        data["eos_token"] = {**eos, "content": EOT} if isinstance(eos, dict) else EOT
+        return data
+
+    def tokenizer_config(data: dict) -> dict:
+        data = eos_eot(data)
+        data.setdefault("chat_template", CHAT_TEMPLATE)
+        return data
+
+    rewrite("tokenizer_config.json", tokenizer_config)
+    rewrite("special_tokens_map.json", eos_eot)
+    rewrite("generation_config.json", chat_generation_config)
+    rewrite("config.json", lambda cfg: {**cfg, "eos_token_id": list(LLAMA31_CHAT_EOS_IDS)})
+    return changed
