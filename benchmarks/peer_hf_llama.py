@@ -2,7 +2,9 @@
 """The peer for benchmarks/train_throughput.py: HF transformers LlamaForCausalLM training on one GPU.
 
 What a user would write with transformers alone: SDPA attention, bf16 autocast over fp32 weights (fp32 master
-weights, like this trainer), fused torch AdamW, `grad_accum` micro-batches per optimizer step. Prints one JSON line (tokens/s, peak GiB).
+weights, like this trainer), fused torch AdamW, `grad_accum` micro-batches per optimizer step. Prints one JSON line
+(tokens/s, peak GiB, each step's tokens/s) and with --out writes it to that file too (what
+benchmarks/train_throughput.py reads: its log of the run mixes stdout and stderr).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=8)
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--out", help="also write the JSON result here")
     args = ap.parse_args()
     s = json.loads(args.shape_json)
     cfg = LlamaConfig(hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
@@ -54,7 +57,13 @@ def main() -> None:
     dt = statistics.median(times[3:] if len(times) > 3 else times)
     tokens = args.grad_accum * args.seq / dt
     # TFLOP/s are computed by the caller with megatron.metrics.flops_per_token, the formula the trainer prints.
-    print(json.dumps({"tokens_per_s": tokens, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
+    result = {"tokens_per_s": tokens, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "steps": args.steps,
+              "step_tokens_per_s": [round(args.grad_accum * args.seq / t) for t in times]}
+    print(json.dumps(result), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+
 
 if __name__ == "__main__":
     main()

@@ -106,3 +106,135 @@ def test_every_benchmark_config_passes_the_launchers_checks(bench, tmp_path):
             assert fused == ("fusedgrad" in variant), (shape, variant)
             assert planning.layout_of(cfg, 1).selective == (variant.endswith("selective")
                                                              and shape in bench.NEEDS_CHECKPOINTING)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU call's own bookkeeping, run here with the child processes stubbed: a 10-minute call must not come back
+# empty or mis-measured.
+
+FUSION_LINE = "gradient accumulation fusion: 29 weights, cuBLAS GEMM accumulating into the fp32 buffer"
+
+
+def fake_trainer(speeds: list[float], peak: float, returncode: int | None = 0):
+    """A stand-in for run_child running deepy.py: appends to run_dir/metrics.jsonl as MetricSinks does, writes a log
+    with the trainer's setup lines; None = it ran past its timeout."""
+    def run(cmd, timeout, log, cwd=None):
+        run_dir = Path(cmd[-1]).parent
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            for step, s in enumerate(speeds, 1):
+                f.write(json.dumps({"step": step, "train/tokens_per_s": s, "train/tflops_per_gpu": s / 100,
+                                    "train/peak_mem_gib": peak, "train/loss": 10.0 - step}) + "\n")
+        log.write_text(f"[2026-11-24] deepspeed info\n{FUSION_LINE}\nLlama: 1,920.00M parameters | tp 1 pp 1 dp 1 | "
+                       f"bf16\nstep 1/8 ...\n" + "x" * 5000 + "\nlast line of the log\n")
+        return returncode
+    return run
+
+
+def test_a_rerun_of_the_same_run_reads_only_its_own_steps(bench, tmp_path, monkeypatch):
+    """The trainer appends to run_dir/metrics.jsonl: a second run of the same shape and variant in the same --work
+    (a re-run on a warm machine) must not take its median over both runs, nor its peak over both."""
+    warm = [5000, 20000, 50000]
+    monkeypatch.setattr(bench, "run_child", fake_trainer(warm + [55000] * 5, peak=45.0))
+    first = bench.run_ours("8b-4l", "fast-fusedgrad", Path("data"), 8, tmp_path, {})
+    monkeypatch.setattr(bench, "run_child", fake_trainer(warm + [60000] * 5, peak=40.0))
+    second = bench.run_ours("8b-4l", "fast-fusedgrad", Path("data"), 8, tmp_path, {})
+    assert first["tokens_per_s"] == 55000 and second["tokens_per_s"] == 60000
+    assert second["peak_gib"] == 40.0 and len(second["step_tokens_per_s"]) == 8
+    # What the log said comes back in the row (the log stays on the GPU machine): the wgrad kernel the fusion
+    # chose and the setup lines, and the report shows the kernel.
+    assert second["wgrad_kernel"] == "29 weights, cuBLAS GEMM accumulating into the fp32 buffer"
+    assert FUSION_LINE in second["setup"] and any(x.startswith("Llama:") for x in second["setup"])
+    assert "error" not in second
+    text = bench.table(bench.merge([call(780.0, [second])]))
+    assert "cuBLAS GEMM accumulating into the fp32 buffer" in text and "MFU vs median matmul peak" in text
+
+
+def test_a_run_past_its_timeout_or_failing_is_an_error_row_with_its_log_tail(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_child", fake_trainer([], peak=0.0, returncode=None))
+    row = bench.run_ours("8b-4l", "fast", Path("data"), 8, tmp_path, {}, timeout=123)
+    assert row["timed_out"] and "timed out after 123 s" in row["error"]
+    assert row["error"].rstrip().endswith("last line of the log") and FUSION_LINE in row["setup"]
+    assert "timed out after" in bench.table(bench.merge([call(780.0, [row])]))
+    monkeypatch.setattr(bench, "run_child", fake_trainer([5000] * 2, peak=1.0, returncode=1))
+    row = bench.run_ours("8b-4l", "fast", Path("data"), 8, tmp_path, {})
+    assert "tflops" not in row and row["error"].startswith("exit 1") and "last line of the log" in row["error"]
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for a reaper that is not ours."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_run_child_ends_the_whole_process_group(bench, tmp_path):
+    """A launcher's workers (and torch.compile's) are grandchildren: on a timeout, and after a normal exit, none of
+    them may keep the GPU or the output file. No timing is asserted: a 0.5 s timeout on a 60 s sleep."""
+    import time
+
+    for timeout, expected in ((60.0, 0), (0.5, None)):
+        log = tmp_path / f"log{expected}.txt"
+        script = "sleep 60 & echo $!; " + ("exit 0" if expected == 0 else "wait")
+        assert bench.run_child(["sh", "-c", script], timeout, log) == expected
+        pid = int(log.read_text().split()[0])
+        for _ in range(100):  # SIGKILL is delivered at once; the orphan's reaping may take a moment
+            if _gone(pid):
+                break
+            time.sleep(0.05)
+        assert _gone(pid), (timeout, pid)
+
+
+def test_the_call_writes_its_header_first_runs_in_the_order_given_and_stops_at_its_deadline(bench, tmp_path,
+                                                                                            monkeypatch):
+    """One GPU call end to end, children stubbed, on a fake clock: the JSON holds the peak and the tests' outcome
+    before the first run; runs go in --variants order (`hf` places the peer); each child's timeout comes from
+    --deadline; a run that cannot finish in what is left is not started but recorded."""
+    clock = [0.0]
+    monkeypatch.setattr(bench, "now", lambda: clock[0])
+    out = tmp_path / "out" / "c1.json"
+    out.parent.mkdir()
+    seen = []
+
+    def probe(timeout, log):
+        seen.append(("probe", timeout))
+        clock[0] += 10
+        return {"device": "NVIDIA H100 80GB HBM3", "total_gib": H100_GIB, "torch": "2.11.0+cu130", "cuda": "13.0",
+                "peak_tflops": 760.0, "peak_tflops_max": 771.0, "peak_windows": [771.0, 760.0, 755.0, 762.0, 758.0],
+                "peak_method": "median of 5 windows"}
+
+    def gpu_tests(timeout, log):
+        seen.append(("tests", timeout))
+        assert json.loads(out.read_text())["peak_tflops"] == 760.0  # the header is there before the tests run
+        clock[0] += 100
+        return "9 passed in 100.0s", ""
+
+    def header_then(row):
+        def run(*args, timeout):
+            written = json.loads(out.read_text())
+            assert written["gpu_tests"] == "9 passed in 100.0s" and written["peak_tflops_max"] == 771.0
+            seen.append((row["variant"], round(timeout)))
+            clock[0] += 200
+            return dict(row, rows_before=len(written["rows"]))
+        return run
+
+    monkeypatch.setattr(bench, "measure_device", probe)
+    monkeypatch.setattr(bench, "run_gpu_tests", gpu_tests)
+    monkeypatch.setattr(bench, "ensure_tokens", lambda prefix, deadline: prefix)
+    monkeypatch.setattr(bench, "run_peer", lambda shape, steps, work, timeout: header_then(
+        row("hf", shape, "sdpa", 460.0))(timeout=timeout))
+    monkeypatch.setattr(bench, "run_ours", lambda shape, variant, *a, timeout: header_then(
+        row("ours", shape, variant, 600.0))(timeout=timeout))
+    bench.main(["--shapes", "8b-4l", "--variants", "fast-fusedgrad,hf,fast", "--json", str(out),
+                "--work", str(tmp_path / "work"), "--deadline", "560"])
+    # 560 s: the probe (10 s) and the tests (capped at 200, took 100) leave 450, less the 10 s margin for the
+    # fused run's timeout; it and the peer take 200 s each and leave 50: too few for `fast`, recorded as skipped.
+    assert seen == [("probe", 180), ("tests", 200), ("fast-fusedgrad", 440), ("sdpa", 240)]
+    written = json.loads(out.read_text())
+    assert [(r["variant"], r.get("rows_before")) for r in written["rows"]] == [
+        ("fast-fusedgrad", 0), ("sdpa", 1), ("fast", None)]
+    assert written["rows"][2]["skipped"].startswith("deadline: 50 s left of --deadline 560")
+    assert [p.name for p in out.parent.iterdir()] == ["c1.json"]  # written atomically: no temporary left
+    assert bench.plan_runs(["1b"], ["fast", "fast-fusedgrad"], no_peer=False) == [
+        ("1b", "hf"), ("1b", "fast"), ("1b", "fast-fusedgrad")]
+    assert bench.plan_runs(["1b"], ["fast", "hf"], no_peer=True) == [("1b", "fast")]

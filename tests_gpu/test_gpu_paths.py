@@ -1,11 +1,17 @@
 """GPU-only branches (run on the GPU machine: `make test-gpu`; CI has no GPU, so these live outside tests/).
 
 Each fast kernel is checked against the plain PyTorch definition that the CPU tests verify against HF:
-torch.compile'd RMSNorm / RoPE / SwiGLU / cross-entropy, and the cuDNN and flash SDPA backends."""
+torch.compile'd RMSNorm / RoPE / SwiGLU / cross-entropy, and the cuDNN and flash SDPA backends. Where a fast path
+can silently fall back to a slow one with the same values (SDPA's backend list, compiled code run eagerly), the
+test also checks which path ran: values alone would pass either way."""
+
+import socket
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron.model import kernels
 from megatron.model.rope import RotaryEmbedding
@@ -53,16 +59,78 @@ def test_fused_cross_entropy_matches_fp32_reference():
     _close(a.grad, b.grad, 2e-2)
 
 
-@pytest.mark.parametrize("backend", ["cudnn", "flash"])
-def test_sdpa_backends_match_math(backend):
+def _qkv_like_the_model(b: int, s: int, heads: int, kv_heads: int, d: int, dtype=torch.bfloat16):
+    """q, k, v as megatron/model/layers.py's Attention makes them: split from the fused qkv matmul's output
+    [b, s, (heads + 2 kv_heads) d], viewed per head and transposed to [b, h, s, d] (strided views, not contiguous
+    tensors); the fused output is the leaf, so its gradient is the three inputs' gradients."""
+    qkv = torch.randn(b, s, (heads + 2 * kv_heads) * d, device=DEV, dtype=dtype).requires_grad_(True)
+    q, k, v = torch.split(qkv, [heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    return qkv, (q.view(b, s, heads, d).transpose(1, 2), k.view(b, s, kv_heads, d).transpose(1, 2),
+                 v.view(b, s, kv_heads, d).transpose(1, 2))
+
+
+@pytest.mark.parametrize("backend", ["CUDNN_ATTENTION", "FLASH_ATTENTION"])
+def test_sdpa_backend_alone_matches_math(backend):
+    """That backend and no other: sdpa_kernel with it alone raises "No available kernel" if it rejects the inputs
+    (kernels.sdpa_context lists efficient and math attention after it, so the values would match either way). On
+    q/k/v laid out as the model lays them out, GQA 32:8 through enable_gqa, causal, forward and backward, against
+    math attention in fp32."""
     torch.manual_seed(0)
-    q = torch.randn(1, 32, 2048, 128, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(1, 8, 2048, 128, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(1, 8, 2048, 128, device=DEV, dtype=torch.bfloat16)
-    with kernels.sdpa_context(backend):
+    b, s, heads, kv_heads, d = 1, 2048, 32, 8, 128
+    qkv, (q, k, v) = _qkv_like_the_model(b, s, heads, kv_heads, d)
+    g = torch.randn(b, heads, s, d, device=DEV, dtype=torch.bfloat16)
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+        out.backward(g)
+    ref_qkv = qkv.detach().float().requires_grad_(True)
+    rq, rk, rv = torch.split(ref_qkv, [heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    rq, rk, rv = (t.view(b, s, -1, d).transpose(1, 2) for t in (rq, rk, rv))
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = F.scaled_dot_product_attention(rq, rk, rv, is_causal=True, enable_gqa=True)
+        ref.backward(g.float())
     _close(out, ref, 2e-2)
+    sizes = [heads * d, kv_heads * d, kv_heads * d]
+    for a, r in zip(qkv.grad.split(sizes, -1), ref_qkv.grad.split(sizes, -1)):
+        _close(a, r, 2e-2)  # q, k, v gradients each against its own scale
+
+
+def _single_process():
+    from megatron.parallel.layout import single_process_layout
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        single_process_layout(port=port)
+
+
+def test_the_models_attention_layer_runs_cudnn_attention_on_hopper():
+    """What a `fast` run executes: the model's Attention layer (megatron/model/layers.py) with attention_backend
+    auto, compiled RoPE, bf16, at 8B-width heads (32:8, d 128), forward and backward under the profiler: cuDNN's
+    attention forward and backward are the ops that ran (auto prefers cuDNN on Hopper; a silent fallback to flash
+    or efficient attention gives the same values)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron.model.config import LlamaConfig
+    from megatron.model.layers import Attention
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("attention_backend auto prefers cuDNN on Hopper and later only")
+    _single_process()
+    cfg = LlamaConfig(num_layers=1, hidden_size=4096, num_attention_heads=32, num_kv_heads=8, intermediate_size=14336,
+                      vocab_size=1000, padded_vocab_size=1024, max_position_embeddings=8192,
+                      params_dtype=torch.bfloat16, fuse_pointwise=True, attention_backend="auto")
+    attention = Attention(cfg, 0).to(DEV)
+    torch.manual_seed(0)
+    x = torch.randn(1, 2048, 4096, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    attention(x).float().sum().backward()  # compiles RoPE outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        attention(x).float().sum().backward()
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    ran = sorted(n for n in names if "attention" in n.lower())
+    assert "aten::_scaled_dot_product_cudnn_attention" in names, ran
+    assert "aten::_scaled_dot_product_cudnn_attention_backward" in names, ran
 
 
 def test_flex_document_attention_matches_dense_mask_sdpa():
@@ -148,35 +216,52 @@ def test_selective_recompute_matches_no_checkpointing_on_cuda(documents):
     documents, torch.compile'd pointwise ops): the input and weight gradients match the un-checkpointed layer to
     bf16 rounding. torch's checkpoint modes ignore compiled code, so the compiled pointwise ops and compiled
     FlexAttention run compiled, unseen by the policy, and are recomputed whole (the planner prices FlexAttention's
-    recompute); cuDNN attention and the matmuls are kept."""
-    import socket
+    recompute); cuDNN attention and the matmuls are kept.
+
+    Values alone cannot tell compiled code from the same code run eagerly (Dynamo skips frames under some
+    dispatch modes, as selective checkpointing's caching mode is: pytorch#161889, torchtitan#1631), so the
+    layer's SwiGLU is a compiled probe that records whether it ran traced, and FlexAttention's warning for an
+    uncompiled call is an error."""
+    from torch.nn.attention import flex_attention as flex_module
 
     from megatron.model import recompute
     from megatron.model.config import LlamaConfig
     from megatron.model.layers import TransformerLayer
-    from megatron.parallel.layout import single_process_layout
 
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        single_process_layout(port=port)
+    _single_process()
     cfg = LlamaConfig(num_layers=1, hidden_size=1024, num_attention_heads=8, num_kv_heads=2, intermediate_size=2816,
                       vocab_size=1000, padded_vocab_size=1024, max_position_embeddings=4096,
                       params_dtype=torch.bfloat16, fuse_pointwise=True, eod_token_id=0,
                       reset_position_ids=documents, reset_attention_mask=documents)
     layer = TransformerLayer(cfg, 0).to(DEV)
+    traced = []  # one entry per call that ran Python: True while Dynamo traces it, False when it runs eagerly
+
+    def swiglu_probe(gate_up):
+        traced.append(torch.compiler.is_compiling())
+        return kernels.swiglu(gate_up)
+
+    layer.mlp._act = torch.compile(swiglu_probe, fullgraph=True, dynamic=False)  # as kernels.fused compiles it
     torch.manual_seed(0)
     x = torch.randn(2, 2048, 1024, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
     doc_ids = (torch.arange(2048, device=DEV) // 500).expand(2, -1).contiguous().int() if documents else None
-    results = []
-    for run in (lambda: layer(x, doc_ids), lambda: recompute.checkpoint_selective(layer, x, doc_ids)):
+    results, runs = [], {}
+    for name, run in (("plain", lambda: layer(x, doc_ids)),
+                      ("selective", lambda: recompute.checkpoint_selective(layer, x, doc_ids))):
         x.grad = None
         layer.zero_grad(set_to_none=True)
-        out = run()
-        out.backward(g)
+        traced.clear()
+        getattr(flex_module, "_WARNINGS_SHOWN", set()).discard("flex_attention_performance")  # warned once only
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="flex_attention called without torch.compile")
+            out = run()
+            out.backward(g)
+        runs[name] = list(traced)
         results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    # A compiled call appends what Dynamo traced (True; it replays the append after each call), an eager one
+    # False. The forward always completes a call; the recompute may stop inside one (checkpoint's early stop).
+    assert runs["plain"] and all(runs["plain"]), runs
+    assert runs["selective"] and all(runs["selective"]), f"compiled SwiGLU ran eagerly under selective: {runs}"
     (out_ref, dx_ref, grads_ref), (out_sel, dx_sel, grads_sel) = results
     _close(out_sel, out_ref, 2e-2)
     _close(dx_sel, dx_ref, 2e-2)
