@@ -51,6 +51,7 @@ import sys
 import time
 from pathlib import Path
 
+STARTED = time.monotonic()  # before the heavy imports: --deadline counts from here, as `timeout` does
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -90,7 +91,7 @@ class Deadline:
     """Seconds left of this call's --deadline, from which every child process's timeout is derived."""
 
     def __init__(self, seconds: float, margin: float = 10.0):
-        self.end, self.seconds, self.margin = now() + seconds, seconds, margin
+        self.end, self.seconds, self.margin = STARTED + seconds, seconds, margin
 
     def left(self) -> float:
         return self.end - now()

@@ -192,6 +192,7 @@ def test_the_call_writes_its_header_first_runs_in_the_order_given_and_stops_at_i
     --deadline; a run that cannot finish in what is left is not started but recorded."""
     clock = [0.0]
     monkeypatch.setattr(bench, "now", lambda: clock[0])
+    monkeypatch.setattr(bench, "STARTED", 0.0)
     out = tmp_path / "out" / "c1.json"
     out.parent.mkdir()
     seen = []
