@@ -123,7 +123,7 @@ class Trainer:
                 self.sinks.print(line)
         self.checkpoints = CheckpointManager(cfg, self.engine, self.layout, self.model_cfg, self.sinks.print,
                                              config_to_save=self.user_cfg)
-        if cfg.load:
+        if cfg.load or cfg.save:  # a restarted job continues from its own latest save (CheckpointManager.load)
             loaded = self.checkpoints.load()
             if loaded is not None:
                 self.iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples

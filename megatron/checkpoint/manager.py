@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import yaml
 
 from megatron.checkpoint import metadata, rng
 from megatron.checkpoint.reshard import load_resharded
@@ -46,6 +47,12 @@ class LoadedState:
     data_state: dict = field(default_factory=dict)
     weights_only: bool = False
     resharded: bool = False
+
+
+def _same_dir(a: Optional[str], b: Optional[str]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def model_meta(cfg: NeoXConfig, model_cfg: LlamaConfig) -> dict:
@@ -134,18 +141,46 @@ class CheckpointManager:
             shutil.rmtree(root / old, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
-    def load(self) -> Optional[LoadedState]:
-        cfg, lay = self.cfg, self.layout
-        root = Path(cfg.load)
-        wanted = metadata.tag_for(cfg.load_iteration) if cfg.load_iteration is not None else None
-        tag = metadata.find_loadable_tag(root, wanted)
+    def _own_latest(self) -> Optional[str]:
+        """The latest checkpoint this run saved, when `save` (another directory than `load`) holds one: a job
+        restarted with its first config continues there, whatever `load` and `finetune` say (they say how the run
+        started). Checkpoints of a run that started from another `load` are refused: saving beside them would
+        interleave two runs. An explicit load_iteration loads from `load` as asked."""
+        cfg = self.cfg
+        if not cfg.save or cfg.load_iteration is not None or (cfg.load and _same_dir(cfg.load, cfg.save)):
+            return None
+        root = Path(cfg.save)
+        tag = metadata.find_loadable_tag(root) if root.is_dir() else None
         if tag is None:
-            self.log(f"no complete checkpoint in {root}; starting from scratch")
+            return None
+        saved_config = root / tag / "config.yml"
+        started_from = yaml.safe_load(saved_config.read_text()).get("load") if saved_config.is_file() else None
+        if not _same_dir(started_from, cfg.load):
+            raise CheckpointMismatchError(
+                f"save directory {root} holds checkpoints of another run ({tag}, started from load: {started_from}); "
+                f"this run starts from load: {cfg.load}. Use another save directory, remove those checkpoints, or "
+                f"set load: {root} to continue that run.")
+        return tag
+
+    def load(self) -> Optional[LoadedState]:
+        """Restore the run's state: from its own latest save if it has one (a restart), else from `load`."""
+        cfg, lay = self.cfg, self.layout
+        own = self._own_latest()
+        if own is not None:
+            root, tag, finetune = Path(cfg.save), own, False
+            self.log(f"continuing this run from its own latest save {root / tag} (load: {cfg.load} started it)")
+        elif cfg.load:
+            root, finetune = Path(cfg.load), cfg.finetune
+            wanted = metadata.tag_for(cfg.load_iteration) if cfg.load_iteration is not None else None
+            tag = metadata.find_loadable_tag(root, wanted)
+            if tag is None:
+                self.log(f"no complete checkpoint in {root}; starting from scratch")
+                return None
+        else:
             return None
         tag_dir = root / tag
         meta = metadata.read_meta(tag_dir)
         self._check_model(meta, tag_dir)
-        finetune = cfg.finetune
         weights_only = finetune or not meta.get("has_optimizer", True)
         src = meta["layout"]
         # DP only shapes the optimizer's ZeRO partitions: a weights-only load needs TP and PP to match, no more.

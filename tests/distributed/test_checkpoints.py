@@ -270,8 +270,9 @@ def test_finetune_override_lr_scheduler_and_exit_interval(tmp_path, data, small_
         assert lr == pytest.approx(lr_at(step - 1, new_cfg), rel=1e-9)  # the lr step `step` trained with
     assert json.loads((tmp_path / "override" / "ckpt" / "global_step6" / "neox_meta.json").read_text())["iteration"] == 6
 
-    # finetune: weights only, a new run from step 1 with a fresh optimizer and schedule.
-    out = _ok(_deepy(_config(tmp_path / "sft", data, one, load=ckpt, finetune=True, train_iters=2)))
+    # finetune: weights only, a new run from step 1 with a fresh optimizer and schedule; stopped at step 2.
+    sft = _config(tmp_path / "sft", data, one, load=ckpt, finetune=True, train_iters=4, exit_interval=2)
+    out = _ok(_deepy(sft))
     assert "weights only, new run at step 0" in out
     records = [json.loads(line) for line in (tmp_path / "sft" / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "train/loss" in r]
@@ -279,3 +280,21 @@ def test_finetune_override_lr_scheduler_and_exit_interval(tmp_path, data, small_
             (small_1rank / "run" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r}
     first = next(r["train/loss"] for r in records if "train/loss" in r)
     assert steps == [1, 2] and first < base[1]  # it starts from the trained weights, not from scratch
+
+    # The same job restarted with the same config continues from its own save (finetune: true describes how it
+    # started), not from the finetune source at step 0 again.
+    out = _ok(_deepy(_config(tmp_path / "sft", data, one, load=ckpt, finetune=True, train_iters=4)))
+    assert "continuing this run from its own latest save" in out and "step 2, 16 samples consumed" in out
+    records = [json.loads(line) for line in (tmp_path / "sft" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+
+    # Another run (another starting point) saving into that directory is refused before it trains.
+    from types import SimpleNamespace
+
+    from megatron.checkpoint.manager import CheckpointManager, CheckpointMismatchError
+
+    other = SimpleNamespace(cfg=SimpleNamespace(save=str(tmp_path / "sft" / "ckpt"), load=None, load_iteration=None))
+    with pytest.raises(CheckpointMismatchError, match="holds checkpoints of another run .*started from load: "):
+        CheckpointManager._own_latest(other)
+    same = SimpleNamespace(cfg=SimpleNamespace(save=str(tmp_path / "sft" / "ckpt"), load=ckpt, load_iteration=None))
+    assert CheckpointManager._own_latest(same) == "global_step4"
