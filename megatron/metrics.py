@@ -109,6 +109,7 @@ class MetricSinks:
                     step = int(record["step"])
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by a crash
+                record["step"] = step
                 if kept and step < kept[-1]["step"]:
                     kept = [r for r in kept if r["step"] < step]
                 kept.append(record)

@@ -228,9 +228,15 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         try:
-            return self._fit()
-        finally:
-            self.profiler.finish()  # a window the run cut short is still written (and the profiler stopped)
+            result = self._fit()
+        except BaseException:
+            try:
+                self.profiler.finish()  # stopped, so the process can exit; a failure here must not hide the first
+            except Exception:
+                pass
+            raise
+        self.profiler.finish()  # a window the run cut short is still written
+        return result
 
     def _fit(self) -> dict:
         cfg = self.cfg

@@ -79,8 +79,8 @@ def test_phase_times_leave_validation_out_and_say_what_no_phase_covers():
     add(timers, "reduce_grads", 0.005)
     add(timers, "step", 0.008)
     out = phases.report(steps=3)
-    assert out == pytest.approx({"data_ms": 0.0, "forward_ms": 20.0, "loss_ms": 10.0, "backward_ms": 50.0, "grad_allreduce_ms": 5.0,
-                                 "optimizer_ms": 8.0, "step_ms": 100.0, "other_ms": 7.0})
+    assert out == pytest.approx({"data_ms": 0.0, "forward_ms": 20.0, "loss_ms": 10.0, "backward_ms": 50.0,
+                                 "grad_allreduce_ms": 5.0, "optimizer_ms": 8.0, "step_ms": 100.0, "other_ms": 7.0})
     assert set(phases.report(steps=1).values()) == {0.0}  # a new window starts empty
 
 
@@ -103,4 +103,12 @@ def test_a_resumed_run_continues_the_history_it_resumed_from(tmp_path):
     sinks.log(4, {"loss": 0.5, "lr": 1e-4})
     assert [r["step"] for r in sinks.history] == [1, 2, 3, 4]
     assert sinks.plot().exists()
+    sinks.close()
+
+
+def test_history_steps_written_as_strings_are_read_as_numbers(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": "2"}\n{"step": 1}\n')  # a foreign or edited file
+    sinks = MetricSinks(True, str(tmp_path), None, False, {}, {})
+    sinks.resume_history(5)
+    assert [r["step"] for r in sinks.history] == [1]  # the second run from step 1 supersedes steps 1..2
     sinks.close()

@@ -159,7 +159,7 @@ class CheckpointManager:
             raise CheckpointMismatchError(
                 f"save directory {root} holds checkpoints of another run ({tag}, started from load: {started_from}); "
                 f"this run starts from load: {cfg.load}. Use another save directory, remove those checkpoints, or "
-                f"set load: {root} to continue that run.")
+                f"set load: {root} and finetune: false to continue that run.")
         return tag
 
     def load(self) -> Optional[LoadedState]:

@@ -213,7 +213,8 @@ class DataArgs(_Strict):
     test_data_weights: Optional[list[float]] = Field(None, description="Blend weights of test_data_paths.")
     train_label_data_paths: Optional[list[str]] = Field(
         None, description="Label dataset prefixes, one per train_data_paths entry (SFT: "
-        "tools/datasets/preprocess_data_with_chat_template.py writes them): the target ids, -100 where no loss is taken.")
+        "tools/datasets/preprocess_data_with_chat_template.py writes them): the target ids, -100 where no loss is "
+        "taken.")
     valid_label_data_paths: Optional[list[str]] = Field(
         None, description="Label dataset prefixes, one per valid_data_paths entry.")
     test_label_data_paths: Optional[list[str]] = Field(
