@@ -9,6 +9,7 @@ Where things run (fp32 on CPU unless said):
   * one clean interpreter (python -I, offline): an exported model and its tokenizer in plain transformers.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -67,6 +68,15 @@ def hf_logits(model_dir_or_model, tokens: torch.Tensor) -> torch.Tensor:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     with torch.no_grad():
         return model(tokens).logits
+
+
+
+def export_cli():
+    """tools/ckpts/convert_neox_to_hf.py as a module, to call its main() in process."""
+    spec = importlib.util.spec_from_file_location("cli", ROOT / "tools" / "ckpts" / "convert_neox_to_hf.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -449,7 +459,6 @@ def test_chat_model_export_stops_at_eot_in_transformers(work, eot_checkpoint, eo
 
 def test_chat_model_export_edits_copied_tokenizers_and_refuses_other_vocabularies(work, eot_base_export, converted,
                                                                                     capsys):
-    import importlib.util
     import shutil
 
     from megatron.checkpoint.hf_tokenizer import CHAT_TEMPLATE, make_chat_model
@@ -467,9 +476,7 @@ def test_chat_model_export_edits_copied_tokenizers_and_refuses_other_vocabularie
     assert cfg["eos_token"] == {"__type": "AddedToken", "content": "<|eot_id|>", "special": True}
     assert cfg["chat_template"] == CHAT_TEMPLATE
 
-    spec = importlib.util.spec_from_file_location("cli", ROOT / "tools" / "ckpts" / "convert_neox_to_hf.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = export_cli()
     out = work / "chat_refused"
     assert cli.main(["--input-dir", str(converted[(1, 1)]), "--output-dir", str(out), "--chat-model",
                      "--no-progress"]) == 2
@@ -555,7 +562,6 @@ def test_errors_name_the_file_tensor_and_shape(work, hf_source):
 
 
 def test_export_errors_and_cli_exit_code(work, converted, capsys):
-    import importlib.util
     import shutil
 
     ckpt = work / "err_ckpt"
@@ -575,9 +581,7 @@ def test_export_errors_and_cli_exit_code(work, converted, capsys):
     with pytest.raises(ConversionError, match="already holds a checkpoint"):
         hf_to_neox(work / "hf", converted[(1, 1)], **QUIET)
 
-    spec = importlib.util.spec_from_file_location("cli", ROOT / "tools" / "ckpts" / "convert_neox_to_hf.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = export_cli()
     assert cli.main(["--input-dir", str(work / "nowhere"), "--output-dir", str(work / "e3")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err

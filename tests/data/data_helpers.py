@@ -1,5 +1,8 @@
 """Small builders shared by the data tests (imported by name: pytest puts this folder on sys.path)."""
 
+import importlib.util
+import os
+
 import numpy as np
 
 from megatron.data.indexed_dataset import IndexedDatasetWriter
@@ -39,3 +42,14 @@ def run_two_gloo_ranks(target, *args, timeout: float = 60) -> None:
         p.join(timeout)
     assert [p.exitcode for p in procs] == [0, 0]
 
+
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools", "datasets")
+
+
+def load_tool(name: str):
+    """tools/datasets/NAME.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(TOOLS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,30 +5,21 @@ boundaries the labels follow, megatron-core's IndexedDataset for reading the wri
 """
 
 import gzip
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from data_helpers import load_tool
 
 from megatron.data.chat import IGNORE_INDEX, ChatEncoder, ConversationError, parse_conversation
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.tokenizer import default_llama3_tokenizer_path
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOL = os.path.join(REPO, "tools", "datasets", "preprocess_data_with_chat_template.py")
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("preprocess_data_with_chat_template_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+tool = load_tool("preprocess_data_with_chat_template")
 
 
 def msg(role, content):

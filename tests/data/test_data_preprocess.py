@@ -1,5 +1,4 @@
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,10 +7,11 @@ import sys
 import numpy as np
 import pytest
 
+from data_helpers import load_tool
+
 from megatron.data.indexed_dataset import IndexedDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOL = os.path.join(REPO, "tools", "datasets", "preprocess_data.py")
 
 GOOD = [
     "The first document.",
@@ -21,14 +21,7 @@ GOOD = [
 ]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("preprocess_data_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+tool = load_tool("preprocess_data")
 
 
 def write_jsonl(path, docs, extra_lines=()):

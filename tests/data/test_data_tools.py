@@ -1,25 +1,15 @@
-import importlib.util
 import os
 
 import numpy as np
-from data_helpers import random_docs, write_dataset
+from data_helpers import load_tool, random_docs, write_dataset
 
 from megatron.data.indexed_dataset import IndexedDataset
-
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools", "datasets")
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_merge(tmp_path, capsys):
     a = write_dataset(str(tmp_path / "a"), random_docs(6, seed=1))
     b = write_dataset(str(tmp_path / "b"), random_docs(4, seed=2))
-    merge = load("merge_datasets")
+    merge = load_tool("merge_datasets")
     assert merge.main(["--inputs", a, b, "--output-prefix", str(tmp_path / "ab")]) == 0
     assert "10 documents" in capsys.readouterr().out
     ab, da, db = IndexedDataset(str(tmp_path / "ab")), IndexedDataset(a), IndexedDataset(b)
@@ -37,7 +27,7 @@ def test_inspect(tmp_path, llama3, capsys):
     prefix = str(tmp_path / "d")
     text = "Hello from the inspector."
     write_dataset(prefix, [np.array([llama3.bos_id, *llama3.encode(text), llama3.eod_id], np.int32)])
-    inspect = load("inspect_dataset")
+    inspect = load_tool("inspect_dataset")
     assert inspect.main([prefix, "--decode", "1", "--check-vocab"]) == 0
     out = capsys.readouterr().out
     assert "documents  1" in out and "(BOS, EOD)" in out and text in out and "within Llama3Tokenizer" in out

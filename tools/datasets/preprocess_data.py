@@ -19,8 +19,9 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
+from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO_ROOT not in sys.path:
@@ -99,21 +100,24 @@ def iter_chunks(paths: Sequence[str], keys: Sequence[str], max_records: int) -> 
             yield from iter_jsonl_chunks(path, max_records, _CHUNK_BYTES)
 
 
-def run_chunks(chunks: Iterator[RawChunk | list[Record]], dtype: np.dtype, workers: int) -> Iterator[ChunkResult]:
-    """Results in input order. With several workers, at most a few chunks per worker are in flight, so memory
-    stays bounded however large the input (Pool.imap would read the whole input ahead). `main` has set up this
-    process with `preprocess.init_worker`; forked workers inherit that state instead of loading the tokenizer
-    again. Workers parse, clean and tokenize; this process only reads blocks and writes results."""
+def run_chunks(chunks: Iterator[RawChunk | list[Record]], dtype: np.dtype, workers: int,
+               process: Callable[[RawChunk | list[Record], np.dtype], Any] = preprocess.process_chunk
+               ) -> Iterator[ChunkResult]:
+    """`process(chunk, dtype)`'s results in input order. With several workers, at most a few chunks per worker are
+    in flight, so memory stays bounded however large the input (Pool.imap would read the whole input ahead).
+    `main` has set up this process with the worker state `process` needs (`preprocess.init_worker`, or
+    `chat.init_worker` for the chat tool); forked workers inherit it instead of loading the tokenizer again.
+    Workers parse, clean and tokenize; this process only reads blocks and writes results."""
     if workers == 1:
         for chunk in chunks:
-            yield preprocess.process_chunk(chunk, dtype)
+            yield process(chunk, dtype)
         return
     import multiprocessing
 
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(preprocess.process_chunk, (chunk, dtype)))
+            pending.append(pool.apply_async(process, (chunk, dtype)))
             if len(pending) >= _IN_FLIGHT_PER_WORKER * workers:
                 yield pending.popleft().get()
         while pending:
@@ -164,6 +168,23 @@ def write_key(writer: IndexedDatasetWriter, stats: KeyStats, result: preprocess.
     stats.tokens += int(lengths.sum())
 
 
+def report_bad(messages: Sequence[str], kept: list[str], what: str = "bad record") -> None:
+    """Warn about a chunk's bad records (the first _MAX_PRINTED_BAD of the run) and keep examples for the stats."""
+    for message in messages:
+        if len(kept) < _MAX_PRINTED_BAD:
+            tqdm.write(f"warning: {what} {message}", file=sys.stderr)
+        if len(kept) < _MAX_STORED_BAD:
+            kept.append(message)
+
+
+def write_stats(prefix: str, summary: dict) -> None:
+    """PREFIX.stats.json, written under a temporary name and renamed."""
+    tmp = f"{prefix}.stats.json.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, f"{prefix}.stats.json")
+
+
 def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
@@ -198,11 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for result in run_chunks(chunks, dtype, args.workers):
                 for key, key_result in result.per_key.items():
                     write_key(writers[key], stats[key], key_result, result.records, options.dedup)
-                for message in result.bad_examples:
-                    if len(bad_examples) < _MAX_PRINTED_BAD:
-                        tqdm.write(f"warning: bad record {message}", file=sys.stderr)
-                    if len(bad_examples) < _MAX_STORED_BAD:
-                        bad_examples.append(message)
+                report_bad(result.bad_examples, bad_examples)
                 elapsed = time.perf_counter() - start
                 first = stats[options.keys[0]]
                 bar.update(result.records)
@@ -233,10 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": round(elapsed, 3),
             "bad_record_examples": bad_examples,
         }
-        tmp = f"{prefix}.stats.json.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, f"{prefix}.stats.json")
+        write_stats(prefix, summary)
         print(format_summary(summary, elapsed))
     return 0
 

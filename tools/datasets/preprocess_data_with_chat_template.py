@@ -22,12 +22,11 @@ summary in PREFIX_KEY_document.stats.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from contextlib import ExitStack
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,7 +34,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TOOLS_DIR not in sys.path:
-    sys.path.insert(0, TOOLS_DIR)  # for the plain tool's input chunking, reused below
+    sys.path.insert(0, TOOLS_DIR)  # for the plain tool's chunking, worker pool and reporting, reused below
 
 import numpy as np  # noqa: E402
 import preprocess_data as plain  # noqa: E402
@@ -44,7 +43,7 @@ from tqdm import tqdm  # noqa: E402
 from megatron.data import chat  # noqa: E402
 from megatron.data.indexed_dataset import IndexedDatasetWriter, best_dtype  # noqa: E402
 from megatron.data.preprocess import BadRecordError  # noqa: E402
-from megatron.data.readers import CorruptInputError, RawChunk, Record, expand_inputs  # noqa: E402
+from megatron.data.readers import CorruptInputError, expand_inputs  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -77,26 +76,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_chunks(chunks: Iterator[RawChunk | list[Record]], dtype: np.dtype, workers: int
-               ) -> Iterator[chat.ChatChunkResult]:
-    """Results in input order, at most a few chunks per worker in flight (as preprocess_data.run_chunks). `main`
-    has called `chat.init_worker`; forked workers inherit the loaded tokenizer."""
-    if workers == 1:
-        for chunk in chunks:
-            yield chat.process_chunk(chunk, dtype)
-        return
-    import multiprocessing
-
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(chat.process_chunk, (chunk, dtype)))
-            if len(pending) >= plain._IN_FLIGHT_PER_WORKER * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
 def output_prefixes(prefix: str, key: str) -> tuple[str, str]:
     """(token dataset, label dataset) prefixes."""
     return f"{prefix}_{key}_document", f"{prefix}_{key}_label_document"
@@ -126,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar = stack.enter_context(tqdm(unit=" conv", unit_scale=True, mininterval=0.5, disable=not args.progress,
                                        desc="chat preprocess"))
         try:
-            for result in run_chunks(plain.iter_chunks(inputs, [args.jsonl_key], args.chunk_size), dtype,
-                                     args.workers):
+            chunks = plain.iter_chunks(inputs, [args.jsonl_key], args.chunk_size)
+            for result in plain.run_chunks(chunks, dtype, args.workers, process=chat.process_chunk):
                 token_writer.add_documents(result.tokens, result.lengths)
                 label_writer.add_documents(result.labels, result.lengths)
                 records += result.records
@@ -136,11 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trained += result.trained
                 text_bytes += result.text_bytes
                 bad.update(result.bad)
-                for message in result.bad_examples:
-                    if len(bad_examples) < plain._MAX_PRINTED_BAD:
-                        tqdm.write(f"warning: skipped bad record {message}", file=sys.stderr)
-                    if len(bad_examples) < plain._MAX_STORED_BAD:
-                        bad_examples.append(message)
+                plain.report_bad(result.bad_examples, bad_examples, what="skipped bad record")
                 elapsed = time.perf_counter() - start
                 bar.update(result.records)
                 bar.set_postfix_str(f"{tokens / elapsed / 1e3:.1f}k tok/s", refresh=False)
@@ -179,10 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": round(elapsed, 3),
         "bad_record_examples": bad_examples,
     }
-    tmp = f"{token_prefix}.stats.json.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, f"{token_prefix}.stats.json")
+    plain.write_stats(token_prefix, summary)
     print(format_summary(summary, elapsed))
     return 0
 
