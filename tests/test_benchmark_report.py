@@ -202,6 +202,7 @@ def test_the_call_writes_its_header_first_runs_in_the_order_given_and_stops_at_i
         clock[0] += 10
         return {"device": "NVIDIA H100 80GB HBM3", "total_gib": H100_GIB, "torch": "2.11.0+cu130", "cuda": "13.0",
                 "peak_tflops": 760.0, "peak_tflops_max": 771.0, "peak_windows": [771.0, 760.0, 755.0, 762.0, 758.0],
+                "peak_tflops_burst": 780.0,
                 "peak_method": "median of 5 windows"}
 
     def gpu_tests(timeout, log):
