@@ -14,10 +14,11 @@ Runs go in the order given, per shape; `hf` in --variants places the peer's run 
 for each shape, unless --no-peer). Everything that touches the GPU runs in a child process (the peak, the tests,
 every run), so this process never holds a CUDA context or cached blocks beside a run.
 
-Variants switch the kernel keys (configs/README.md, "KernelArgs"): `eager` = flash SDPA, unfused pointwise ops;
-`fast` = the defaults (cuDNN SDPA on Hopper, torch.compile'd RMSNorm/RoPE/SwiGLU); `fast-fusedgrad` = fast plus
-gradient_accumulation_fusion; `fast-fusedgrad-selective` also recomputes selectively where a shape needs
-checkpointing. First it runs the GPU-only tests (tests_gpu/, `make test-gpu`), so every timed GPU branch is also
+Variants switch the kernel keys (configs/README.md, "KernelArgs"): `defaults` sets none of them; `eager` = flash SDPA, unfused pointwise ops,
+no gradient_accumulation_fusion; `fast` = cuDNN SDPA on Hopper, torch.compile'd RMSNorm/RoPE/SwiGLU, still without
+the fusion (the defaults before 2026-11-24, kept so rows stay comparable); `fast-fusedgrad` = fast plus
+gradient_accumulation_fusion (the defaults now); `fast-fusedgrad-selective` also recomputes selectively where a
+shape needs checkpointing. First it runs the GPU-only tests (tests_gpu/, `make test-gpu`), so every timed GPU branch is also
 checked in the same run (--skip-gpu-tests to leave them out).
 
 Before each of our runs the planner (megatron/planning.py) predicts its peak memory; a run predicted not to fit the
@@ -67,8 +68,9 @@ SHAPES = {
 # Shapes whose activations do not fit 80 GB at seq 8192 without recomputation (both trainers get it).
 NEEDS_CHECKPOINTING = {"8b-8l", "3b"}
 VARIANTS = {
-    "eager": {"attention_backend": "flash", "fuse_pointwise": False},
-    "fast": {"attention_backend": "auto", "fuse_pointwise": True},
+    "defaults": {},  # no kernel key set: what a config gets
+    "eager": {"attention_backend": "flash", "fuse_pointwise": False, "gradient_accumulation_fusion": False},
+    "fast": {"attention_backend": "auto", "fuse_pointwise": True, "gradient_accumulation_fusion": False},
     # + weight-gradient GEMMs accumulating into DeepSpeed's fp32 buffer (megatron/grad_accum_fusion.py)
     "fast-fusedgrad": {"attention_backend": "auto", "fuse_pointwise": True, "gradient_accumulation_fusion": True},
     # + selective recompute (megatron/model/recompute.py) on the shapes that need checkpointing

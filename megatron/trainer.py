@@ -89,7 +89,7 @@ class Trainer:
             print(f"note: vocab_size {cfg.vocab_size} is below the tokenizer's {self.tokenizer.vocab_size}: a token id "
                   f">= {cfg.vocab_size} in the data fails at TP 1 and trains on a masked row at TP > 1", flush=True)
         # Fusing the weight-gradient accumulation needs the fp32 buffer of DeepSpeed's bf16 optimizer.
-        fuse_grads = grad_accum_fusion.applies(cfg.gradient_accumulation_fusion, self.precision,
+        fuse_grads = grad_accum_fusion.applies(cfg.gradient_accumulation_fusion is not False, self.precision,
                                                cfg.data_types.grad_accum_dtype)
         self.model_cfg = LlamaConfig.from_neox(cfg, cfg.vocab_size or self.tokenizer.vocab_size, torch.float32,
                                                eod_token_id=self.tokenizer.eod_id,
@@ -106,7 +106,7 @@ class Trainer:
             n = grad_accum_fusion.attach(self.engine.optimizer, grad_accum_fusion.fused_weights(self.engine.module))
             device = next(self.engine.module.parameters()).device
             fusion_note = f"gradient accumulation fusion: {n} weights, {grad_accum_fusion.describe(device)}"
-        elif cfg.gradient_accumulation_fusion:
+        elif cfg.gradient_accumulation_fusion is True:
             fusion_note = f"gradient accumulation fusion: off ({self.precision} run, no fp32 bf16-optimizer buffer)"
         self.iteration = 0
         self.consumed_samples = 0

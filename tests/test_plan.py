@@ -428,8 +428,9 @@ SUGGESTION_CASES = {
     # one GPU cannot hold 405B: on 256, DP 2 divides the global batch of 16, which accumulation keeps
     "global batch kept": (["llama3.1-405b.yml"], None, "h100", {
         "train_batch_size": 16, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 16}),
-    # nothing fits on 128 GPUs; on 256, DP 2 does not divide 15: those layouts change it, and say so
+    # unfused, nothing fits on 128 GPUs; on 256, DP 2 does not divide 15: those layouts change it, and say so
     "global batch changed": (["llama3.1-405b.yml"], 128, "h100", {
+        "gradient_accumulation_fusion": False,
         "model_parallel_size": 8, "pipe_parallel_size": 16, "checkpoint_activations": True,
         "train_batch_size": 15, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 15}),
     # --gpus 128 at TP 1 x PP 1 cannot keep a batch of 16 (the evaluated layout takes 2048, with a note); the
@@ -534,9 +535,11 @@ def test_gradient_accumulation_fusion_drops_the_bf16_grads_of_matrices():
     _, _, (fp32,) = planning.plan_memory(shape, layout, planning.Precision("fp32", "fp32", 1))
     _, _, (fp32_flag,) = planning.plan_memory(shape, layout, planning.Precision("fp32", "fp32", 1, fused_grads=True))
     assert fp32.peak == fp32_flag.peak
-    cfg = load("llama3.1-8b.yml").config
-    assert not planning.precision_of(cfg).grads_fused
-    assert planning.precision_of(cfg.model_copy(update={"gradient_accumulation_fusion": True})).grads_fused
+    cfg = load("llama3.1-8b.yml").config  # bf16, the key unset: fused, as the trainer does
+    assert cfg.gradient_accumulation_fusion is None and planning.precision_of(cfg).grads_fused
+    assert not planning.precision_of(cfg.model_copy(update={"gradient_accumulation_fusion": False})).grads_fused
+    fp32 = cfg.model_copy(update={"precision": "fp32"})
+    assert not planning.precision_of(fp32).grads_fused
 
 
 def test_selective_recompute_trades_memory_for_no_matmul_recompute():

@@ -218,7 +218,7 @@ def _training(cfg: "NeoXConfig") -> list[ConfigIssue]:
                                   "set zero_optimization: {stage: 1}; with one data-parallel rank it shards nothing, "
                                   "so it is stage 0 with the norm computed right", 0))
     explicit_fp32 = cfg.precision == "fp32" or (cfg.precision is None and cfg.bf16 is not None and not cfg.bf16.enabled)
-    if cfg.gradient_accumulation_fusion and (explicit_fp32 or cfg.data_types.grad_accum_dtype != "fp32"):
+    if cfg.gradient_accumulation_fusion is True and (explicit_fp32 or cfg.data_types.grad_accum_dtype != "fp32"):
         what = "an fp32 run" if explicit_fp32 else "grad_accum_dtype bf16"
         issues.append(ConfigIssue("gradient_accumulation_fusion", f"fuses weight gradients into the fp32 buffer of "
                                   f"DeepSpeed's bf16 optimizer, which {what} does not have",
