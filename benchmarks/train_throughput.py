@@ -356,10 +356,11 @@ def shape_flops_per_token(shape: str) -> float:
 
 def table(rows: list[dict]) -> str:
     """One line per row; MFU against the median matmul peak measured in the row's own call, the ratio against the
-    peer's row of the same shape; the wgrad kernel is what the run's log said (gradient accumulation fusion)."""
-    lines = ["| shape | trainer | variant | tokens/s | TFLOP/s per GPU | MFU vs median matmul peak | vs HF | "
-             "peak GiB | planned GiB | wgrad kernel |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    hf = {r["shape"]: r for r in rows if r["who"] == "hf" and "tflops" in r}
+    peer's row of the same shape from the same call (none across calls); the wgrad kernel is what the run's log said
+    (gradient accumulation fusion)."""
+    lines = ["| call | shape | trainer | variant | tokens/s | TFLOP/s per GPU | MFU vs median matmul peak | vs HF | "
+             "peak GiB | planned GiB | wgrad kernel |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    hf = {(r["shape"], r.get("call")): r for r in rows if r["who"] == "hf" and "tflops" in r}
     for r in rows:
         planned = f"{r['planned_gib']:.1f}" if "planned_gib" in r else ""
         kernel = r.get("wgrad_kernel") or ""
@@ -370,12 +371,15 @@ def table(rows: list[dict]) -> str:
                 why = f"timed out after {r.get('wall_s', 0):.0f} s (log tail in the JSON's error)"
             else:
                 why = "failed (see the JSON's error)"
-            lines.append(f"| {r['shape']} | {r['who']} | {r['variant']} | {why} | | | | | {planned} | {kernel} |")
+            lines.append(f"| {r.get('call', 1)} | {r['shape']} | {r['who']} | {r['variant']} | {why} | | | | | "
+                         f"{planned} | {kernel} |")
             continue
-        ratio = f"{r['tflops'] / hf[r['shape']]['tflops']:.2f}x" if r["shape"] in hf else "-"
+        peer = hf.get((r["shape"], r.get("call")))
+        ratio = f"{r['tflops'] / peer['tflops']:.2f}x" if peer else "-"
         if planned:
             planned += f" ({100 * (r['planned_gib'] / r['peak_gib'] - 1):+.1f}%)"
-        lines.append(f"| {r['shape']} | {r['who']} | {r['variant']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
+        lines.append(f"| {r.get('call', 1)} | {r['shape']} | {r['who']} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tflops']:.0f} | "
                      f"{100 * r['tflops'] / r['peak_tflops']:.1f}% | {ratio} | {r['peak_gib']:.1f} | {planned} | "
                      f"{kernel} |")
     return "\n".join(lines)
@@ -385,12 +389,12 @@ def merge(calls: list[dict]) -> list[dict]:
     """Rows of several calls' JSON files, in first-seen order; a later call's row replaces an earlier one with the
     same (trainer, shape, variant). Each row keeps its own call's device, date and matmul peak."""
     merged: dict[tuple, dict] = {}
-    for call in calls:
+    for n, call in enumerate(calls, 1):
         for row in call["rows"]:
-            row = {"device": call["device"], "torch": call["torch"], "python": call.get("python", "?"),
+            row = {"call": n, "device": call["device"], "torch": call["torch"], "python": call.get("python", "?"),
                    "peak_tflops": call["peak_tflops"], "peak_tflops_max": call.get("peak_tflops_max"),
                    "peak_tflops_burst": call.get("peak_tflops_burst"), "peak_method": call.get("peak_method", "50 back-to-back 8192^3 bf16 GEMMs after 5 (wall clock)"),
-                   "date": call["date"], "gpu_tests": call.get("gpu_tests", ""), **row}
+                   "date": call["date"], "gpu_tests": call.get("gpu_tests", ""), "commit": call.get("commit"), **row}
             key = (row["who"], row["shape"], row["variant"])
             merged.pop(key, None)  # a re-measured row moves to where it was measured last
             merged[key] = row
@@ -408,22 +412,24 @@ def memory_records(rows: list[dict], commit: str) -> list[dict]:
                     "metric": "torch.cuda.max_memory_allocated", "device": r["device"], "torch": r["torch"],
                     "steps": r.get("steps"), "world_size": 1,
                     "predicted_peak_gib": round(planning.predict_peak_gib(keys, 1), 3), "date": r["date"],
-                    "commit": commit, "source": f"benchmarks/train_throughput.py, shape {r['shape']}, variant "
+                    "commit": r.get("commit") or commit, "source": f"benchmarks/train_throughput.py, shape {r['shape']}, variant "
                                                 f"{r['variant']} (peak of the trainer's peak_mem_gib over the run)"})
     return out
 
 
 def report(rows: list[dict], append: bool, record: bool, commit: str) -> str:
-    calls = sorted({(r["device"], r["torch"], r["python"], r["date"], round(r["peak_tflops"]),
-                     round(r.get("peak_tflops_max") or 0), r["peak_method"], round(r.get("peak_tflops_burst") or 0))
-                    for r in rows})
-    tests = sorted({r["gpu_tests"] for r in rows if r.get("gpu_tests")})
-    text = table(rows) + "\n\n" + "\n".join(
-        f"Call on {d}, torch {t}, Python {py}, {day}: bf16 matmul peak {p} TFLOP/s"
-        + (f" (max {m})" if m else "") + f", {how}"
-        + (f"; a 50-GEMM burst (~70 ms, the convention of earlier calls) read {bu} TFLOP/s" if bu else "") + "."
-        for d, t, py, day, p, m, how, bu in calls)
-    text += "".join(f"\nGPU-only tests (tests_gpu/) in the same run: {x}." for x in tests)
+    calls: dict[int, dict] = {}
+    for r in rows:  # a call's fields are on each of its rows
+        calls.setdefault(r.get("call", 1), r)
+    text = table(rows) + "\n"
+    for n, r in sorted(calls.items()):
+        text += (f"\nCall {n} on {r['device']}, torch {r['torch']}, Python {r['python']}, {r['date']}: bf16 matmul "
+                 f"peak {r['peak_tflops']:.0f} TFLOP/s"
+                 + (f" (max {r['peak_tflops_max']:.0f})" if r.get("peak_tflops_max") else "") + f", {r['peak_method']}"
+                 + (f"; a 50-GEMM burst (~70 ms, the convention of earlier calls) read {r['peak_tflops_burst']:.0f} "
+                    "TFLOP/s" if r.get("peak_tflops_burst") else "")
+                 + (f". GPU-only tests (tests_gpu/) in the same call: {r['gpu_tests']}" if r.get("gpu_tests") else "")
+                 + ".")
     if append:
         with open(ROOT / "docs" / "performance.md", "a") as f:
             f.write(f"\n## Training throughput (benchmarks/train_throughput.py) ({time.strftime('%Y-%m-%d %H:%M')}, "

@@ -65,12 +65,16 @@ def test_calls_merge_into_one_table_each_row_against_its_own_peak(bench):
     assert [(r["shape"], r["variant"]) for r in rows] == [
         ("8b-4l", "sdpa"), ("8b-4l", "fast"), ("8b-4l", "fast-fusedgrad"), ("3b", "fast")]
     text = bench.table(rows)
-    lines = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in text.splitlines()[2:]}
-    fast, fused = lines[("8b-4l", "ours", "fast")], lines[("8b-4l", "ours", "fast-fusedgrad")]
+    lines = {tuple(c.strip() for c in line.split("|")[1:5]): line for line in text.splitlines()[2:]}
+    fast, fused = lines[("1", "8b-4l", "ours", "fast")], lines[("2", "8b-4l", "ours", "fast-fusedgrad")]
     assert "71.2%" in fast and "1.21x" in fast and "+5.0%" in fast  # 555/780; 555/460; planned 42 vs 40 measured
-    assert "80.0%" in fused and "1.30x" in fused  # the re-measured row replaced the failed one, against 750
-    assert "skipped: planner: 90.1 GiB" in lines[("3b", "ours", "fast")]
-    assert "1.00x" in lines[("8b-4l", "hf", "sdpa")]
+    # The re-measured row replaced the failed one, against its own call's 750; the peer ran in another call (other
+    # clocks), so no ratio.
+    assert "80.0%" in fused and "| - |" in fused and "x |" not in fused
+    assert "skipped: planner: 90.1 GiB" in lines[("2", "3b", "ours", "fast")]
+    assert "1.00x" in lines[("1", "8b-4l", "hf", "sdpa")]
+    notes = bench.report(rows, append=False, record=False, commit="abc1234").split("\n\n", 1)[1]
+    assert notes.startswith("Call 1 on NVIDIA H100 80GB HBM3") and "\nCall 2 on" in notes and "780 TFLOP/s" in notes
 
 
 def test_measured_peaks_become_records_the_planner_test_reads(bench, tmp_path):
@@ -88,6 +92,9 @@ def test_measured_peaks_become_records_the_planner_test_reads(bench, tmp_path):
         config, 1)
     assert record["measured_peak_gib"] == 40.0 and record["device"] == "NVIDIA H100 80GB HBM3"
     assert record["steps"] == 8 and record["commit"] == "abc1234"
+    # A call that says which commit it ran keeps it: reports are often made later, at another commit.
+    measured_at = {**call(780.0, [measured]), "commit": "def5678"}
+    assert bench.memory_records(bench.merge([measured_at]), commit="abc1234")[0]["commit"] == "def5678"
 
 
 def test_every_benchmark_config_passes_the_launchers_checks(bench, tmp_path):
