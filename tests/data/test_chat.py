@@ -223,3 +223,9 @@ def test_corrupt_or_all_bad_input_leaves_no_output(tmp_path, capsys):
 def test_parse_conversation_rejects_tool_calls():
     with pytest.raises(ConversationError, match="tool_calls"):
         parse_conversation({"messages": [msg("user", "x"), {**msg("assistant", ""), "tool_calls": [{"f": 1}]}]})
+
+
+def test_missing_input_is_named_and_nothing_is_written(tmp_path, capsys):
+    assert run_tool(["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -189,12 +189,19 @@ def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def inputs_or_none(patterns: Sequence[str]) -> list[str] | None:
+    """The --input files, or None after saying on stderr which pattern matched nothing (the tools exit 2)."""
     try:
-        inputs = expand_inputs(args.input)
+        return expand_inputs(patterns)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    inputs = inputs_or_none(args.input)
+    if inputs is None:
         return 2
     options = PreprocessOptions(
         keys=tuple(args.jsonl_keys), tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,

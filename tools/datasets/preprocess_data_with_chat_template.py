@@ -43,7 +43,7 @@ from tqdm import tqdm  # noqa: E402
 from megatron.data import chat  # noqa: E402
 from megatron.data.indexed_dataset import IndexedDatasetWriter, best_dtype  # noqa: E402
 from megatron.data.preprocess import BadRecordError  # noqa: E402
-from megatron.data.readers import CorruptInputError, expand_inputs  # noqa: E402
+from megatron.data.readers import CorruptInputError  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -78,15 +78,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def output_prefixes(prefix: str, key: str) -> tuple[str, str]:
     """(token dataset, label dataset) prefixes."""
-    return f"{prefix}_{key}_document", f"{prefix}_{key}_label_document"
+    return plain.output_prefix(prefix, key), f"{prefix}_{key}_label_document"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        inputs = expand_inputs(args.input)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    inputs = plain.inputs_or_none(args.input)
+    if inputs is None:
         return 2
     options = chat.ChatOptions(key=args.jsonl_key, vocab_file=args.vocab_file, train_on=args.train_on,
                                mask=args.mask, skip_bad=args.skip_bad)
