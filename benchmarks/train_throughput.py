@@ -14,12 +14,12 @@ Runs go in the order given, per shape; `hf` in --variants places the peer's run 
 for each shape, unless --no-peer). Everything that touches the GPU runs in a child process (the peak, the tests,
 every run), so this process never holds a CUDA context or cached blocks beside a run.
 
-Variants switch the kernel keys (configs/README.md, "KernelArgs"): `defaults` sets none of them; `eager` = flash SDPA, unfused pointwise ops,
-no gradient_accumulation_fusion; `fast` = cuDNN SDPA on Hopper, torch.compile'd RMSNorm/RoPE/SwiGLU, still without
-the fusion (the defaults before 2026-11-24, kept so rows stay comparable); `fast-fusedgrad` = fast plus
-gradient_accumulation_fusion (the defaults now); `fast-fusedgrad-selective` also recomputes selectively where a
-shape needs checkpointing. First it runs the GPU-only tests (tests_gpu/, `make test-gpu`), so every timed GPU branch is also
-checked in the same run (--skip-gpu-tests to leave them out).
+Variants switch the kernel keys (configs/README.md, "KernelArgs"): `defaults` sets none of them; `eager` = flash
+SDPA, unfused pointwise ops, no gradient_accumulation_fusion; `fast` = cuDNN SDPA on Hopper, torch.compile'd
+RMSNorm/RoPE/SwiGLU, still without the fusion (the defaults before 2026-11-24, kept so rows stay comparable);
+`fast-fusedgrad` = fast plus gradient_accumulation_fusion (the defaults now); `fast-fusedgrad-selective` also
+recomputes selectively where a shape needs checkpointing. First it runs the GPU-only tests (tests_gpu/,
+`make test-gpu`), so every timed GPU branch is also checked in the same run (--skip-gpu-tests to leave them out).
 
 Before each of our runs the planner (megatron/planning.py) predicts its peak memory; a run predicted not to fit the
 GPU is skipped (`--run-predicted-oom` runs it anyway) and every measured peak is printed beside its prediction.
@@ -393,7 +393,8 @@ def merge(calls: list[dict]) -> list[dict]:
         for row in call["rows"]:
             row = {"call": n, "device": call["device"], "torch": call["torch"], "python": call.get("python", "?"),
                    "peak_tflops": call["peak_tflops"], "peak_tflops_max": call.get("peak_tflops_max"),
-                   "peak_tflops_burst": call.get("peak_tflops_burst"), "peak_method": call.get("peak_method", "50 back-to-back 8192^3 bf16 GEMMs after 5 (wall clock)"),
+                   "peak_tflops_burst": call.get("peak_tflops_burst"),
+                   "peak_method": call.get("peak_method", "50 back-to-back 8192^3 bf16 GEMMs after 5 (wall clock)"),
                    "date": call["date"], "gpu_tests": call.get("gpu_tests", ""), "commit": call.get("commit"), **row}
             key = (row["who"], row["shape"], row["variant"])
             merged.pop(key, None)  # a re-measured row moves to where it was measured last
@@ -412,7 +413,8 @@ def memory_records(rows: list[dict], commit: str) -> list[dict]:
                     "metric": "torch.cuda.max_memory_allocated", "device": r["device"], "torch": r["torch"],
                     "steps": r.get("steps"), "world_size": 1,
                     "predicted_peak_gib": round(planning.predict_peak_gib(keys, 1), 3), "date": r["date"],
-                    "commit": r.get("commit") or commit, "source": f"benchmarks/train_throughput.py, shape {r['shape']}, variant "
+                    "commit": r.get("commit") or commit,
+                    "source": f"benchmarks/train_throughput.py, shape {r['shape']}, variant "
                                                 f"{r['variant']} (peak of the trainer's peak_mem_gib over the run)"})
     return out
 
@@ -529,7 +531,8 @@ def sweep(args: argparse.Namespace, shapes: list[str], variants: list[str], dead
     call = {"device": probe["device"], "torch": probe["torch"], "python": platform.python_version(),
             "peak_tflops": probe["peak_tflops"], "peak_tflops_max": probe["peak_tflops_max"],
             "peak_windows": probe["peak_windows"], "peak_method": probe["peak_method"],
-            "peak_tflops_burst": probe["peak_tflops_burst"], "device_gib": probe["total_gib"], "date": time.strftime("%Y-%m-%d"), "gpu_tests": "running",
+            "peak_tflops_burst": probe["peak_tflops_burst"], "device_gib": probe["total_gib"],
+            "date": time.strftime("%Y-%m-%d"), "gpu_tests": "running",
             "commit": planning.code_version(), "deadline_s": args.deadline, "rows": []}
 
     def save() -> None:

@@ -126,10 +126,11 @@ def lookup_accumulating(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------- wiring
-def applies(requested: bool, precision: str, grad_accum_dtype: str) -> bool:
-    """Whether a run fuses: only bf16 with fp32 accumulation has the BF16_Optimizer buffer to fuse into (the
-    trainer and the planner both ask this; validate.py refuses the explicit contradictions)."""
-    return requested and precision == "bf16" and grad_accum_dtype == "fp32"
+def applies(configured: bool | None, precision: str, grad_accum_dtype: str) -> bool:
+    """Whether a run fuses: `configured` is the config key (unset = wherever it applies, false = never), and only
+    bf16 with fp32 accumulation has the BF16_Optimizer buffer to fuse into (the trainer and the planner both ask
+    this; validate.py refuses the explicit contradictions)."""
+    return configured is not False and precision == "bf16" and grad_accum_dtype == "fp32"
 
 
 def describe(device: torch.device) -> str:

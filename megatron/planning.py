@@ -256,7 +256,7 @@ class Precision:
     zero_stage: int
     fused: bool = False  # fuse_pointwise: torch.compile'd RMSNorm/RoPE/SwiGLU (GPU only)
     attention: str = "auto"  # attention_backend, or "flex" for document masking (memory modelled as flash's)
-    fused_grads: bool = False  # gradient_accumulation_fusion not false (unset: wherever it applies)
+    fused_grads: bool | None = False  # gradient_accumulation_fusion as configured (None: wherever it applies)
 
     @property
     def grads_fused(self) -> bool:
@@ -301,7 +301,7 @@ def precision_of(cfg: NeoXConfig) -> Precision:
         attention = "flex"  # document masking on a GPU runs compiled FlexAttention
     return Precision(name, cfg.data_types.grad_accum_dtype, cfg.zero_optimization.stage,
                      fused=bool(getattr(cfg, "fuse_pointwise", False)), attention=attention,
-                     fused_grads=getattr(cfg, "gradient_accumulation_fusion", False) is not False)
+                     fused_grads=getattr(cfg, "gradient_accumulation_fusion", False))
 
 
 def layer_activation_bytes(shape: Shape, tp: int, micro: int, act: int, fused: bool = False,

@@ -89,7 +89,7 @@ class Trainer:
             print(f"note: vocab_size {cfg.vocab_size} is below the tokenizer's {self.tokenizer.vocab_size}: a token id "
                   f">= {cfg.vocab_size} in the data fails at TP 1 and trains on a masked row at TP > 1", flush=True)
         # Fusing the weight-gradient accumulation needs the fp32 buffer of DeepSpeed's bf16 optimizer.
-        fuse_grads = grad_accum_fusion.applies(cfg.gradient_accumulation_fusion is not False, self.precision,
+        fuse_grads = grad_accum_fusion.applies(cfg.gradient_accumulation_fusion, self.precision,
                                                cfg.data_types.grad_accum_dtype)
         self.model_cfg = LlamaConfig.from_neox(cfg, cfg.vocab_size or self.tokenizer.vocab_size, torch.float32,
                                                eod_token_id=self.tokenizer.eod_id,

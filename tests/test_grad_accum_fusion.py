@@ -26,6 +26,14 @@ def bf16_operands(tokens=96, n_in=40, n_out=24, seed=0):
     return x, g
 
 
+def test_unset_fuses_wherever_the_fp32_buffer_exists():
+    """The key's three values (schema: unset = on wherever it applies), as the trainer and the planner read them."""
+    assert grad_accum_fusion.applies(None, "bf16", "fp32") and grad_accum_fusion.applies(True, "bf16", "fp32")
+    assert not grad_accum_fusion.applies(False, "bf16", "fp32")
+    assert not any(grad_accum_fusion.applies(c, p, a) for c in (None, True) for p, a in [("fp32", "fp32"),
+                                                                                        ("bf16", "bf16")])
+
+
 def test_kernel_accumulates_in_fp32_into_the_buffer():
     x, g = bf16_operands()
     main_grad = torch.full((24, 40), 0.5)
