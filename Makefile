@@ -44,9 +44,10 @@ test: $(STAMP)
 test-gpu:
 	python3 -m pytest -q -p no:cacheprovider tests_gpu
 
-# Regenerate configs/README.md (the key reference) from the schema.
+# Regenerate configs/README.md (the key reference) and docs/config.md's GPT-NeoX key table from the schema.
 docs-config: $(STAMP)
 	$(PY) -m megatron.config.docs > configs/README.md
+	$(PY) -c "from megatron.config.neox_compat import update_doc; update_doc('docs/config.md')"
 
 clean-demo:
 	rm -rf data/demo runs/demo data/demo_replay runs/demo_replay

@@ -4,9 +4,10 @@
 1. Merge the YAML files in order (later files override earlier ones; each override is printed).
 2. Validate everything before any process starts; on problems print them all and exit 2.
 3. Write the resolved config to RUN_DIR/config.yml.
-4. Start the workers with DeepSpeed's runner (`--hostfile`, `--num_nodes`, `--num_gpus`, `--include`,
-   `--exclude`, `--launcher` pass through from the config). Without GPUs it starts `num_gpus` CPU processes
-   that talk over gloo, so every distributed path runs on a laptop too.
+4. Start the workers with DeepSpeed's runner on one node, or through pdsh, srun (`launcher: slurm` /
+   `deepspeed_slurm`) or mpirun (`openmpi`, `mpich`): megatron/launcher.py builds the command, docs/multinode.md
+   explains it. Without GPUs it starts `num_gpus` CPU processes that talk over gloo, so every distributed path
+   runs on a laptop too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
 from megatron.config import ConfigError, load_config, save_resolved  # noqa: E402
-from megatron.config.schema import NeoXConfig  # noqa: E402
+from megatron.launcher import LaunchError, forward_stop_signals, plan_launch  # noqa: E402
 
 
 def cuda_device_count() -> int:
@@ -32,31 +33,6 @@ def cuda_device_count() -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except ImportError:
         return 0
-
-
-def runner_command(cfg: NeoXConfig, script: str, config_path: Path, run_dir: Path, gpus: int) -> list[str]:
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
-    if cfg.hostfile:
-        launcher = "slurm" if cfg.deepspeed_slurm else cfg.launcher  # GPT-NeoX's deepspeed_slurm means srun
-        cmd += ["--hostfile", cfg.hostfile, "--launcher", launcher]
-        if cfg.num_nodes > 0:
-            cmd += ["--num_nodes", str(cfg.num_nodes)]
-    else:
-        # No hostfile: one node. DeepSpeed would otherwise look for /job/hostfile.
-        cmd += ["--hostfile", os.devnull]
-    if cfg.num_gpus or not gpus:
-        cmd += ["--num_gpus", str(cfg.num_gpus or 1)]
-    if cfg.include:
-        cmd += ["--include", cfg.include]
-    if cfg.exclude:
-        cmd += ["--exclude", cfg.exclude]
-    if cfg.master_addr:
-        cmd += ["--master_addr", cfg.master_addr]
-    if cfg.comment:
-        cmd += ["--comment", cfg.comment]
-    cmd += ["--master_port", str(cfg.master_port)]
-    cmd += [script, "--config", str(config_path), "--run-dir", str(run_dir)]
-    return cmd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,49 +58,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in loaded.overrides:
         print(f"override  {line}")
+    for line in loaded.notes:
+        print(f"info  GPT-NeoX {line}")
 
     run_dir = Path(cfg.run_dir or os.path.join("runs", Path(paths[-1]).stem))
-    config_path = save_resolved(cfg, run_dir / "config.yml")
+    config_path = (run_dir / "config.yml").resolve()
+    try:
+        launch = plan_launch(cfg, args.script, config_path, run_dir.resolve(), gpus, ROOT)
+    except LaunchError as err:
+        print(f"Launch error; nothing was launched:\n  - {loaded.sources.get('launcher', paths[-1])}: {err}",
+              file=sys.stderr)
+        return 2
+    save_resolved(cfg, config_path)
     print(f"resolved config: {config_path}")
-    cmd = runner_command(cfg, args.script, config_path.resolve(), run_dir.resolve(), gpus)
-    print("launch: " + shlex.join(cmd), flush=True)
+    for note in launch.notes:
+        print(f"note: {note}")
+    print("launch: " + shlex.join(launch.cmd), flush=True)
     if args.dry_run:
         return 0
-    env = dict(os.environ)
-    env.setdefault("WANDB_MODE", "offline")
-    if not gpus:
-        # CPU ranks share the cores: without this each rank starts one thread per core and they thrash.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.world_size())))
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(cmd, env=env)
-    forward_stop_signals(proc, Path(args.script).name)
+    proc = subprocess.Popen(launch.cmd, env=launch.env)
+    forward_stop_signals(proc, launch, args.script, str(config_path))
     return proc.wait()
-
-
-def forward_stop_signals(proc: subprocess.Popen, script: str) -> None:
-    """SIGTERM/SIGUSR1 to this launcher reach the workers as SIGUSR1: they save a checkpoint and exit 0.
-
-    DeepSpeed's local launcher would kill its children on SIGTERM, losing the work since the last save; the
-    workers themselves handle both signals (under SLURM, srun delivers them to every task directly)."""
-    import signal
-
-    def forward(signum, frame):
-        import psutil  # a DeepSpeed dependency
-
-        try:
-            children = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for child in children:
-            try:
-                if any(part.endswith(script) for part in child.cmdline()):
-                    child.send_signal(signal.SIGUSR1)
-            except psutil.Error:
-                pass
-        print(f"deepy: forwarded {signal.Signals(signum).name} to the workers; they save and exit", flush=True)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, forward)
 
 
 if __name__ == "__main__":

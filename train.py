@@ -14,6 +14,10 @@ import warnings
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from megatron.parallel.launch_env import map_launcher_env  # noqa: E402
+
+map_launcher_env()  # srun / mpirun give their own rank variables: map them before anything reads RANK
+
 from megatron.config.errors import ConfigError  # noqa: E402
 from megatron.config.loader import load_resolved  # noqa: E402
 from megatron.checkpoint.manager import CheckpointMismatchError  # noqa: E402

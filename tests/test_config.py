@@ -79,8 +79,8 @@ def test_later_file_overrides_earlier_and_nested_maps_merge(tmp_path):
 MALFORMED = [
     # (overrides, key that must be named, words expected in the message)
     ({"num_layer": 4}, "num_layer", "num_layers"),  # typo → did-you-mean
-    ({"wall_clock_breakdown": True}, "wall_clock_breakdown", "log_phase_times"),  # GPT-NeoX key, named here
-    ({"log-dir": "logs"}, "log_dir", "run_dir"),
+    ({"memory_profiling": True}, "memory_profiling", "profile_memory_snapshot"),  # GPT-NeoX key, named here
+    ({"use-mup": True}, "use_mup", "muP"),  # GPT-NeoX key (hyphenated) for a feature this trainer lacks
     ({"train_label_data_paths": ["a_l", "b_l"]},
      "train_label_data_paths", "2 label datasets for 1 train_data_paths"),
     ({"valid_label_data_paths": ["v_l"]}, "valid_label_data_paths", "data_path + split takes no labels"),

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from megatron.config.errors import ConfigError, ConfigIssue
+from megatron.config.neox_compat import translate
 from megatron.config.schema import NeoXConfig, all_keys
 from megatron.config.validate import check_cross_field
 
@@ -25,6 +26,7 @@ class LoadedConfig:
     config: NeoXConfig
     sources: dict[str, str]  # top-level key -> the file that set it last
     overrides: list[str] = field(default_factory=list)  # human-readable "key: a (f1) -> b (f2)"
+    notes: list[str] = field(default_factory=list)  # one line per GPT-NeoX key accepted as a no-op or mapped
     files: list[str] = field(default_factory=list)
 
 
@@ -76,13 +78,21 @@ def read_yaml_files(paths: list[str]) -> tuple[dict[str, Any], dict[str, str], l
     return merged, sources, overrides, issues
 
 
-# GPT-NeoX keys whose job another key does here: the fix names it (a spelling match would not find it).
-NEOX_EQUIVALENTS = {
-    "wall_clock_breakdown": "use log_phase_times: true (per-phase times, logged like the other metrics)",
-    "log_dir": "use run_dir (the resolved config, metrics.jsonl, curves.png and profile/ go there)",
-    "memory_profiling": "use profile_memory_snapshot: true with profile: true (a CUDA memory snapshot)",
-    "memory_profiling_path": "remove it: the memory snapshot goes to RUN_DIR/profile/",
-}
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def close_spellings(key: str, known: list[str]) -> list[str]:
+    """Keys that differ from `key` by a typo (a few edits), never merely by a shared word: `deepspeed_mpi` must not
+    suggest `deepspeed_slurm`, a key of different meaning."""
+    limit = min(3, 1 + len(key) // 8)
+    scored = sorted((_edit_distance(key, k), k) for k in known if abs(len(k) - len(key)) <= limit)
+    return [k for d, k in scored if d <= limit][:3]
 
 
 def _unknown_key_issues(raw: dict[str, Any], sources: dict[str, str]) -> list[ConfigIssue]:
@@ -91,9 +101,9 @@ def _unknown_key_issues(raw: dict[str, Any], sources: dict[str, str]) -> list[Co
     for k in raw:
         if k in known:
             continue
-        close = difflib.get_close_matches(k, known, n=3, cutoff=0.6)
-        fix = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "remove it (see configs/README.md)"
-        fix = NEOX_EQUIVALENTS.get(k.replace("-", "_"), fix)
+        close = close_spellings(k, known)
+        fix = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+            "remove it (configs/README.md lists the keys; docs/config.md the GPT-NeoX ones)"
         issues.append(ConfigIssue(k, "unknown key", fix, value=raw[k], file=sources.get(k)))
     return issues
 
@@ -119,7 +129,8 @@ def build_config(
 ) -> NeoXConfig:
     """Validate a merged mapping. Raises ConfigError listing every problem."""
     sources = sources or {}
-    issues = _unknown_key_issues(raw, sources)
+    raw, _notes, issues = translate(raw, sources, set(NeoXConfig.model_fields))
+    issues += _unknown_key_issues(raw, sources)
     known = {k: v for k, v in raw.items() if k in NeoXConfig.model_fields}
     bad_keys: set[str] = set()
     try:
@@ -159,8 +170,9 @@ def load_config(
             sources[k] = "command line"
     if issues:
         raise ConfigError(issues)
+    notes = translate(raw, sources, set(NeoXConfig.model_fields))[1]
     cfg = build_config(raw, sources, available_devices=available_devices)
-    return LoadedConfig(config=cfg, sources=sources, overrides=overrides, files=list(paths))
+    return LoadedConfig(config=cfg, sources=sources, overrides=overrides, notes=notes, files=list(paths))
 
 
 def save_resolved(cfg: NeoXConfig, path: str | Path) -> Path:

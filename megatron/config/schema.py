@@ -294,12 +294,16 @@ class LoggingArgs(_Strict):
 
 
 class LauncherArgs(_Strict):
-    """Passed to DeepSpeed's runner by `deepy.py`."""
+    """Passed to DeepSpeed's runner by `deepy.py` (megatron/launcher.py; docs/multinode.md)."""
 
     launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
-        "pdsh", description="Multi-node launcher used by the DeepSpeed runner."
+        "pdsh", description="Multi-node launcher used by the DeepSpeed runner when there is a hostfile: pdsh (ssh), "
+        "slurm (srun), openmpi / mpich / mvapich / impi (mpirun)."
     )
-    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=N` per line) for multi-node.")
+    hostfile: Optional[str] = Field(
+        None, description="DeepSpeed hostfile (`host slots=N` per line) for multi-node; unset: $DLTS_HOSTFILE, else "
+        "under launcher slurm the job's SLURM_JOB_NODELIST, else one node."
+    )
     num_nodes: int = Field(-1, description="Nodes to use from the hostfile (-1: all).")
     num_gpus: Optional[int] = Field(
         None, gt=0, description="GPUs per node (CPU: number of gloo processes); unset means all GPUs, or 1 on CPU."
@@ -307,9 +311,21 @@ class LauncherArgs(_Strict):
     include: Optional[str] = Field(None, description="DeepSpeed `--include` host/GPU filter.")
     exclude: Optional[str] = Field(None, description="DeepSpeed `--exclude` host/GPU filter.")
     master_port: int = Field(29500, gt=0, lt=65536, description="Rendezvous port.")
-    master_addr: Optional[str] = Field(None, description="Rendezvous address (multi-node).")
-    deepspeed_slurm: bool = Field(False, description="Launch with srun under SLURM (GPT-NeoX key).")
-    comment: Optional[str] = Field(None, description="Passed to srun as --comment (GPT-NeoX key).")
+    master_addr: Optional[str] = Field(
+        None, description="Rendezvous address (multi-node); unset: $MASTER_ADDR, else the hostfile's first host "
+        "(srun/mpirun), else DeepSpeed asks the first host over ssh (pdsh)."
+    )
+    deepspeed_slurm: bool = Field(False, description="Launch with srun under SLURM (GPT-NeoX key; = launcher: slurm).")
+    comment: Optional[str] = Field(
+        None, description="SLURM job-step comment, passed to srun as --comment (launcher slurm only; GPT-NeoX key)."
+    )
+    no_ssh_check: bool = Field(
+        False, description="Skip DeepSpeed's passwordless-ssh check of the first host (pdsh; srun and mpirun launches "
+        "never need ssh, so it is skipped for them anyway)."
+    )
+    force_multi: bool = Field(
+        False, description="Use the multi-node launcher even when the hostfile has one host (e.g. srun on one node)."
+    )
 
 
 SECTIONS: tuple[type[_Strict], ...] = (

@@ -152,9 +152,7 @@ def _parallel(cfg: "NeoXConfig", world: Optional[int]) -> list[ConfigIssue]:
     if cfg.sequence_parallel:
         issues.append(ConfigIssue("sequence_parallel", "sequence parallelism is not implemented yet",
                                   "set sequence_parallel: false", True))
-    if cfg.num_nodes > 1 and not cfg.hostfile:
-        issues.append(ConfigIssue("num_nodes,hostfile", f"{cfg.num_nodes} nodes need a hostfile naming them",
-                                  "set hostfile: a file with one `HOST slots=GPUS` line per node", cfg.num_nodes))
+    issues += _launcher(cfg)
     if cfg.recompute_granularity == "selective" and not cfg.checkpoint_activations:
         issues.append(ConfigIssue("recompute_granularity", "selective recompute only applies to checkpointed "
                                   "activations", "set checkpoint_activations: true, or recompute_granularity: full",
@@ -194,6 +192,28 @@ def _parallel(cfg: "NeoXConfig", world: Optional[int]) -> list[ConfigIssue]:
                     f"x data-parallel size = {cfg.train_micro_batch_size_per_gpu} x "
                     f"{cfg.gradient_accumulation_steps} x {dp} = {expect}",
                     f"set train_batch_size: {expect}, or remove it to have it derived", cfg.train_batch_size))
+    return issues
+
+
+def _launcher(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    """Launch keys that DeepSpeed's runner would refuse (or ignore) only once the job is running."""
+    issues = []
+    slurm = cfg.deepspeed_slurm or cfg.launcher == "slurm"
+    if cfg.num_nodes > 1 and not cfg.hostfile and not slurm:
+        issues.append(ConfigIssue("num_nodes,hostfile", f"{cfg.num_nodes} nodes need a hostfile naming them",
+                                  "set hostfile: a file with one `HOST slots=GPUS` line per node (or launcher: slurm "
+                                  "inside a SLURM job, which takes the nodes from the allocation)", cfg.num_nodes))
+    if cfg.comment and not slurm:
+        issues.append(ConfigIssue("comment", f"only srun takes a job comment; launcher {cfg.launcher!r} has none",
+                                  "remove comment, or launch with launcher: slurm", cfg.comment))
+    if cfg.deepspeed_slurm and cfg.launcher not in ("slurm", "pdsh"):
+        issues.append(ConfigIssue("deepspeed_slurm,launcher", f"deepspeed_slurm launches with srun, but launcher is "
+                                  f"{cfg.launcher!r}", "set launcher: slurm (or remove deepspeed_slurm)", True))
+    mpi = cfg.launcher in ("openmpi", "mpich", "mvapich", "impi") and not cfg.deepspeed_slurm
+    if mpi and (cfg.include or cfg.exclude):
+        issues.append(ConfigIssue("include,exclude", f"DeepSpeed's {cfg.launcher} launcher cannot filter hosts or "
+                                  "GPUs", "list only the hosts and slots to use in the hostfile",
+                                  cfg.include or cfg.exclude))
     return issues
 
 
@@ -273,7 +293,31 @@ def _data(cfg: "NeoXConfig") -> list[ConfigIssue]:
     if cfg.tokenizer_type != "Llama3Tokenizer" and not cfg.vocab_file:
         issues.append(ConfigIssue("vocab_file", f"{cfg.tokenizer_type} needs a tokenizer file",
                                   "set vocab_file to tokenizer.json (HFTokenizer) or the .model (SPMTokenizer)"))
+    elif cfg.vocab_file:
+        issues += _tokenizer_file(cfg)
     return issues
+
+
+def _tokenizer_file(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    """Load the tokenizer file now, as the workers will: a wrong path or type must stop before launch, not inside
+    every rank."""
+    fix = {"HFTokenizer": "point vocab_file at a Hugging Face tokenizer.json",
+           "SPMTokenizer": "point vocab_file at a sentencepiece .model file",
+           "Llama3Tokenizer": "point vocab_file at Llama-3's tiktoken tokenizer.model, or remove it to use the bundled "
+                              "one"}[cfg.tokenizer_type]
+    if not Path(cfg.vocab_file).is_file():
+        return [ConfigIssue("vocab_file", "file not found", fix + " (relative paths are relative to the directory "
+                            "deepy.py runs in)", cfg.vocab_file)]
+    from megatron.data.tokenizer import build_tokenizer
+
+    try:
+        build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
+    except Exception as e:  # each library raises its own kind: the message is what matters
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return [ConfigIssue("vocab_file,tokenizer_type", f"cannot be read as a {cfg.tokenizer_type} file: {first}",
+                            fix + ", or set tokenizer_type to the kind of file it is (HFTokenizer: tokenizer.json, "
+                            "SPMTokenizer: sentencepiece .model, Llama3Tokenizer: tiktoken)", cfg.vocab_file)]
+    return []
 
 
 def _weights_issues(key: str, paths: Optional[list[str]], weights: Optional[list[float]]) -> list[ConfigIssue]:
