@@ -16,7 +16,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron.parallel.launch_env import map_launcher_env  # noqa: E402
 
-map_launcher_env()  # srun / mpirun give their own rank variables: map them before anything reads RANK
+try:
+    map_launcher_env()  # srun / mpirun give their own rank variables: map them before anything reads RANK
+except RuntimeError as err:
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 from megatron.config.errors import ConfigError  # noqa: E402
 from megatron.config.loader import load_resolved  # noqa: E402

@@ -191,7 +191,7 @@ def write_worker_env(run_dir: Path, env: Mapping[str, str]) -> Path:
 def _worker_pattern(script: str, config_path: str) -> str:
     """Matches the workers' command lines only (python -u .../train.py ... --config PATH), not the shells, ssh or
     DeepSpeed's per-node launch process around them (SIGUSR1 would kill those)."""
-    return rf"^\S*python\S* -u \S*{re.escape(Path(script).name)} .*--config {re.escape(config_path)}"
+    return rf"^\S*python\S* -u \S*{re.escape(Path(script).name)} .*--config {re.escape(config_path)}( |$)"
 
 
 def stop_commands(launch: Launch, script: str, config_path: str) -> list[list[str]]:

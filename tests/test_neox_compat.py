@@ -243,3 +243,38 @@ def tiny_tokenizer(path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path))
     json.loads(path.read_text())
+
+
+def test_pdsh_stop_command_signals_only_the_workers(tmp_path):
+    """The pkill that deepy.py sends through pdsh reaches the workers of this run and nothing around them (a
+    SIGUSR1 to DeepSpeed's per-node launch process would kill it)."""
+    import signal
+    import time
+
+    from megatron.launcher import Launch, stop_commands
+
+    config = str(tmp_path / "run" / "config.yml")
+    script = tmp_path / "train.py"
+    script.write_text("import signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *a: sys.exit(0))\n"
+                      "print('ready', flush=True)\ntime.sleep(60)\nsys.exit(1)\n")
+    worker = subprocess.Popen([sys.executable, "-u", str(script), "--local_rank=0", "--config", config],
+                              stdout=subprocess.PIPE, text=True)
+    # DeepSpeed's launch: its command line ends with the same script and config; SIGUSR1 would kill it.
+    launch_like = subprocess.Popen([sys.executable, "-u", "-c", "import time; time.sleep(60)", "-m",
+                                    "deepspeed.launcher.launch", str(script), "--config", config])
+    other = subprocess.Popen([sys.executable, "-u", str(script), "--local_rank=0", "--config", config + ".other"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "ready" and other.stdout.readline().strip() == "ready"
+        launch = Launch(cmd=[], env={**os.environ, "PATH": f"{Path(__file__).parent / 'launchers' / 'bin'}"
+                                     f"{os.pathsep}{os.environ['PATH']}"}, launcher="pdsh", hosts=["n0", "n1"])
+        (cmd,) = stop_commands(launch, "train.py", config)
+        subprocess.run(cmd, env=launch.env, timeout=60, check=False)
+        assert worker.wait(timeout=30) == 0  # got SIGUSR1
+        time.sleep(0.5)
+        assert launch_like.poll() is None and other.poll() is None
+    finally:
+        for p in (worker, launch_like, other):
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
