@@ -244,9 +244,14 @@ TABLE: dict[str, Compat] = {
     "kto_desirable_weight": Compat(ANY, "only with train_impl: kto"),
     "kto_undesirable_weight": Compat(ANY, "only with train_impl: kto"),
     "z_loss": _off("plain cross-entropy", "remove it"),
-    "neg_test_data_paths": Compat(ANY, "only with train_impl: dpo/kto"),
-    "pos_train_data_paths": _off("not used", "remove it (DPO is not implemented)"),
-    "neg_train_data_paths": _off("not used", "remove it (DPO is not implemented)"),
+    **{f"{sign}_{split}{label}_data_paths": _off("not used", "remove it (DPO/KTO pairs are not implemented)")
+       for sign in ("pos", "neg") for split in ("train", "valid", "test") for label in ("", "_label")},
+    **{f"{split}_reward_data_paths": _off("not used", "remove it (reward-model training is not implemented)")
+       for split in ("train", "valid", "test")},
+    "use_tutel": _off("no experts", _NO_MOE), "create_moe_param_group": Compat(ANY, _NO_MOE),
+    "moe_lbl_in_fp32": Compat(ANY, _NO_MOE),
+    "comet_experiment": Compat(ANY, _RUNTIME), "adlr_autoresume_object": Compat(ANY, _RUNTIME),
+    "tokenizer": Compat(ANY, _RUNTIME + " (the tokenizer object)"),
     # ---- text generation (GPT-NeoX's generate.py reads these from the config) ----
     **{k: Compat(ANY, _NO_TEXTGEN) for k in (
         "text_gen_type", "temperature", "top_p", "top_k", "return_logits", "maximum_tokens", "prompt_end",
@@ -353,6 +358,15 @@ def _map_activation(raw: dict, issue) -> Optional[str]:
     return None
 
 
+def _map_data_impl(raw: dict, issue) -> Optional[str]:
+    """GPT-NeoX's default `infer` reads the .bin/.idx pair as mmap, the only format here; `cached` is refused."""
+    impl = raw.get("data_impl")
+    if impl == "infer":
+        raw["data_impl"] = "mmap"
+        return "data_impl: infer -> mmap (the .idx files GPT-NeoX infers from are mmap ones)"
+    return None
+
+
 def _map_attention_config(raw: dict, issue) -> Optional[str]:
     """GPT-NeoX's per-layer attention types: global and flash are the same causal attention here (the kernel is
     attention_backend's choice); sparse, local, gMLP, Mamba ... are other models."""
@@ -408,7 +422,8 @@ def _map_simple(raw: dict, issue) -> list[str]:
     return notes
 
 
-MAPPINGS: tuple[Callable, ...] = (_map_precision, _map_fp16_block, _map_mlp, _map_activation, _map_attention_config)
+MAPPINGS: tuple[Callable, ...] = (_map_precision, _map_fp16_block, _map_mlp, _map_activation, _map_attention_config,
+                                  _map_data_impl)
 
 
 def translate(raw: dict[str, Any], sources: Optional[dict[str, str]] = None,
@@ -479,6 +494,7 @@ SCHEMA_NOTES = {
     "activation": "`swiglu`; `silu` only with mlp_type: llama (mapped), other activations refused",
     "deepspeed_slurm": "launch with srun (= launcher: slurm); workers map SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS",
     "comment": "passed to srun as `--comment` (through DeepSpeed's --launcher_args); refused with other launchers",
+    "data_impl": "`mmap`; GPT-NeoX's default `infer` is mapped to it; `cached` refused",
     "tokenizer_type": "`Llama3Tokenizer`, `HFTokenizer`, `SPMTokenizer`; GPT-NeoX's GPT-2 BPE / char-level / "
                       "tiktoken-by-name types refused. The vocab_file is loaded before launch",
 }
@@ -538,3 +554,8 @@ if __name__ == "__main__":
     import sys
 
     update_doc(sys.argv[1] if len(sys.argv) > 1 else "docs/config.md")
+
+
+def handled_keys() -> set[str]:
+    """Every GPT-NeoX key this module gives an outcome to (schema keys, the table, the mappings)."""
+    return set(TABLE) | set(MAPPED_TEXT) | set(NEOX_SCHEMA_KEYS)
