@@ -40,6 +40,18 @@ def test_upstream_llama_7b_configs_load_unchanged_and_build_llama_7b(model, tmp_
         assert f"{key}:" in notes, (key, notes)
 
 
+def test_deepy_dry_run_of_the_upstream_7b_prints_info_lines_and_the_command(tmp_path):
+    run = write(tmp_path, "run.yml", {"train_iters": 10, "vocab_size": 32000, "run_dir": str(tmp_path / "run")})
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(NEOX / "llama_7B.yml"),
+                           str(NEOX / "llama_setup.yml"), str(run), "--dry-run"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "info  GPT-NeoX intermediate_size: 32768 with mlp_multiple_of: 256" in proc.stdout
+    assert "info  GPT-NeoX gpt_j_residual: False is a no-op here" in proc.stdout
+    assert "launch: " in proc.stdout and "deepspeed.launcher.runner" in proc.stdout
+    assert yaml.safe_load((tmp_path / "run" / "config.yml").read_text())["intermediate_size"] == 11008
+
+
 def test_llama_7b_without_mlp_multiple_of_is_refused_not_built_at_16b(tmp_path):
     raw = yaml.safe_load((NEOX / "llama_7B.yml").read_text())
     del raw["mlp_multiple_of"]
@@ -101,6 +113,9 @@ MISTAKES = [
     ({"deepspeed_mpy": True}, "deepspeed_mpy", "remove it"),  # a typo of deepspeed_mpi: never "deepspeed_slurm"
     ({"zero_optimization": {"stage": 1, "cpu_offload": True}}, "zero_optimization.cpu_offload", "ZeRO-1"),
     ({"activation": "silu"}, "activation", "swiglu"),
+    ({"weight_decay": 0.1, "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "weight_decay": 0.0}}},
+     "optimizer.params.weight_decay", "top-level weight_decay"),
+    ({"checkpoint_scale": "log"}, "checkpoint_scale", "checkpoint_factor"),
 ]
 
 
@@ -188,6 +203,9 @@ def test_every_runner_command_is_parsed_by_deepspeeds_own_parser(tmp_path):
     for mpi in ("openmpi", "mpich"):
         args = runner_args(plan(tmp_path, hostfile=h, launcher=mpi, num_gpus=None))
         assert (args.launcher, args.num_nodes, args.num_gpus, args.master_addr) == (mpi, -1, -1, "gpu1")
+    with pytest.raises(ConfigError) as err:  # mpirun starts every slot: num_gpus cannot select fewer
+        build_config(tiny(hostfile=h, launcher="openmpi", num_gpus=4))
+    assert err.value.keys() == ["num_gpus,num_nodes"]
     dlts = runner_args(plan(tmp_path, {"DLTS_HOSTFILE": h, "MASTER_ADDR": "10.0.0.1"}, num_gpus=8))
     assert dlts.hostfile == h and dlts.master_addr == "10.0.0.1"
     inc = runner_args(plan(tmp_path, hostfile=h, include="gpu1:0,1@gpu2:0,1", num_gpus=None))

@@ -405,6 +405,16 @@ def _map_simple(raw: dict, issue) -> list[str]:
         if opt is not None and "lr" not in opt.get("params", {}):
             opt.setdefault("params", {})["lr"] = lr
             notes.append(f"lr: {lr} -> optimizer.params.lr")
+    params = raw.get("optimizer", {}).get("params") if isinstance(raw.get("optimizer"), dict) else None
+    if isinstance(params, dict) and "weight_decay" in params:
+        value = params.pop("weight_decay")
+        if "weight_decay" not in raw:
+            raw["weight_decay"] = value
+            notes.append(f"optimizer.params.weight_decay: {value} -> weight_decay (applied to all but norms)")
+        elif raw["weight_decay"] != value:
+            issue("optimizer.params.weight_decay", f"{value} contradicts the top-level weight_decay "
+                  f"{raw['weight_decay']} (the one GPT-NeoX's parameter groups use)",
+                  "keep only the top-level weight_decay", value)
     zero = raw.get("zero_optimization")
     if isinstance(zero, dict):
         for key in ("cpu_offload", "cpu_offload_params", "load_from_fp32_weights", "elastic_checkpoint",

@@ -214,6 +214,21 @@ def _launcher(cfg: "NeoXConfig") -> list[ConfigIssue]:
         issues.append(ConfigIssue("include,exclude", f"DeepSpeed's {cfg.launcher} launcher cannot filter hosts or "
                                   "GPUs", "list only the hosts and slots to use in the hostfile",
                                   cfg.include or cfg.exclude))
+    if mpi and cfg.hostfile and Path(cfg.hostfile).is_file() and (cfg.num_gpus or cfg.num_nodes > 0):
+        # mpirun starts every slot of every host: num_gpus / num_nodes must describe the hostfile, not filter it.
+        from deepspeed.launcher.runner import fetch_hostfile
+
+        try:
+            pool = fetch_hostfile(cfg.hostfile) or {}
+        except ValueError:
+            pool = {}  # reported by the world-size rule
+        wrong_gpus = cfg.num_gpus and pool and set(pool.values()) != {cfg.num_gpus}
+        wrong_nodes = cfg.num_nodes > 0 and pool and len(pool) != cfg.num_nodes
+        if wrong_gpus or wrong_nodes:
+            issues.append(ConfigIssue("num_gpus,num_nodes", f"DeepSpeed's {cfg.launcher} launcher starts every slot "
+                                      f"of the hostfile ({len(pool)} hosts, slots {sorted(set(pool.values()))}); it "
+                                      "cannot use fewer", "remove num_gpus and num_nodes, or write the hostfile with "
+                                      "the hosts and slots to use", cfg.num_gpus))
     return issues
 
 
