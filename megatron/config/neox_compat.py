@@ -89,8 +89,11 @@ TABLE: dict[str, Compat] = {
                                  "supported)"),
     "soft_prompt_tuning": _off("the whole model trains", "remove it (soft prompt tuning is not supported)"),
     "rotary_save_freqs_buffer": Compat(ANY, "RoPE frequencies are recomputed, never saved in checkpoints"),
-    "expansion_factor": Compat(ANY, "mapped with mlp_multiple_of"),
-    "mlp_multiple_of": Compat(ANY, "mapped"),
+    "expansion_factor": Compat(ANY, "GPT-NeoX's pre-SwiGLU size as a multiple of hidden_size; mapped to the per-branch "
+                               "intermediate_size as with mlp_multiple_of"),
+    "mlp_multiple_of": Compat(ANY, "marks intermediate_size as GPT-NeoX's pre-SwiGLU size: each SwiGLU branch gets "
+                              "ceil(int(2/3 x size) / 2 / m) x m, which becomes intermediate_size here (LLaMA-7B: "
+                              "32768 with 256 -> 11008); a size GPT-NeoX itself cannot build is refused"),
     "identity_mlp": _off("every layer has its MLP", "remove it"),
     # ---- parallelism / runtime ----
     "world_size": Compat(ANY, _LAUNCH_SET),
