@@ -24,6 +24,7 @@ import yaml
 
 from tests.test_train_e2e import ROOT, VOCAB, synthetic_corpus
 
+pytestmark = pytest.mark.distributed
 BIN = Path(__file__).resolve().parent / "launchers" / "bin"
 STEPS = 5
 
