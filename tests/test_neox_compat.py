@@ -52,6 +52,16 @@ def test_deepy_dry_run_of_the_upstream_7b_prints_info_lines_and_the_command(tmp_
     assert yaml.safe_load((tmp_path / "run" / "config.yml").read_text())["intermediate_size"] == 11008
 
 
+def test_a_gpt_neox_config_relying_on_gpt_neox_model_defaults_is_refused(tmp_path):
+    raw = yaml.safe_load((NEOX / "llama_7B.yml").read_text())
+    for key in ("norm", "pos_emb", "no_weight_tying", "rms_norm_epsilon"):
+        del raw[key]
+    with pytest.raises(ConfigError) as err:
+        load_config([str(write(tmp_path, "7b.yml", {**raw, "train_iters": 10, "data_path": "d"}))])
+    assert set(err.value.keys()) == {"norm", "pos_emb", "no_weight_tying", "rms_norm_epsilon"}
+    assert "layernorm" in err.value.format() and "1.0e-8" in err.value.format()
+
+
 def test_llama_7b_without_mlp_multiple_of_is_refused_not_built_at_16b(tmp_path):
     raw = yaml.safe_load((NEOX / "llama_7B.yml").read_text())
     del raw["mlp_multiple_of"]
@@ -90,7 +100,9 @@ def test_gpt2_125m_config_is_refused_for_what_differs_only(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config([str(NEOX / "125M.yml"), str(NEOX / "local_setup.yml")])
     keys = set(err.value.keys())
-    assert keys == {"norm", "fp16", "intermediate_size", "merge_file", "vocab_file"}, err.value.format()
+    # GPT-NeoX's defaults the file relies on: GELU, and RMSNorm's epsilon does not apply (LayerNorm)
+    assert keys == {"norm", "fp16", "intermediate_size", "merge_file", "vocab_file", "activation"}, \
+        err.value.format()
     text = err.value.format()
     assert "precision: bf16" in text and "HFTokenizer" in text and "did you mean" not in text
 

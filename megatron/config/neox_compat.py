@@ -18,7 +18,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from megatron.config.errors import ConfigIssue
+from megatron.config.errors import _UNSET, ConfigIssue
 
 ANY = object()  # every value is a no-op
 OFF = object()  # false / null / 0 / empty are no-ops (GPT-NeoX's defaults for optional features)
@@ -390,6 +390,26 @@ def _map_attention_config(raw: dict, issue) -> Optional[str]:
     return f"attention_config {sorted(kinds)}: full causal attention, kernel chosen by attention_backend"
 
 
+# Model keys whose GPT-NeoX default builds another model than this trainer's default: a GPT-NeoX config that leaves
+# them out means GPT-NeoX's value, so it must say which one it wants.
+NEOX_MODEL_DEFAULTS = {
+    "norm": ("layernorm", "rmsnorm"),
+    "pos_emb": ("learned", "rotary"),
+    "activation": ("gelu", "swiglu"),
+    "no_weight_tying": (False, True),
+    "rms_norm_epsilon": (1.0e-8, 1.0e-5),
+}
+
+
+def _neox_defaults(raw: dict, issue) -> None:
+    for key, (neox, ours) in NEOX_MODEL_DEFAULTS.items():
+        if key not in raw and not (key == "rms_norm_epsilon" and raw.get("norm") not in (None, "rmsnorm")):
+            issue(key, f"not set, and this is a GPT-NeoX config: GPT-NeoX would build {key} {neox!r}, this trainer "
+                  f"{ours!r}", f"write {key}: {str(ours).lower() if isinstance(ours, bool) else ours} (Llama's) to "
+                  "build the Llama model; GPT-NeoX's default is not supported" if key != "rms_norm_epsilon" else
+                  f"write rms_norm_epsilon: 1.0e-8 (GPT-NeoX's default) or 1.0e-5 (Llama's)")
+
+
 def _map_simple(raw: dict, issue) -> list[str]:
     notes = []
     for neox, ours, why in (("log_dir", "run_dir", "logs, metrics and plots"),
@@ -448,15 +468,17 @@ def translate(raw: dict[str, Any], sources: Optional[dict[str, str]] = None,
     notes: list[str] = []
     issues: list[ConfigIssue] = []
 
-    def issue(key, message, fix, value):
+    def issue(key, message, fix, value=_UNSET):
         issues.append(ConfigIssue(key, message, fix, value, sources.get(key.split(",")[0].split(".")[0])))
 
+    schema_keys = schema_keys or set()
+    if any(k in TABLE or k in MAPPED_TEXT for k in raw if k not in schema_keys) or raw.get("precision") == "bfloat16":
+        _neox_defaults(raw, issue)  # a GPT-NeoX config: its defaults must not silently become ours
     for mapping in MAPPINGS:
         note = mapping(raw, issue)
         if note:
             notes.append(note)
     notes += _map_simple(raw, issue)
-    schema_keys = schema_keys or set()
     for key in list(raw):
         entry = TABLE.get(key)
         if entry is None or key in schema_keys:
