@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir or os.path.join("runs", Path(paths[-1]).stem))
     config_path = (run_dir / "config.yml").resolve()
     try:
-        launch = plan_launch(cfg, args.script, config_path, run_dir.resolve(), gpus, ROOT)
+        launch = plan_launch(cfg, args.script, config_path, run_dir.resolve(), gpus, ROOT, dry_run=args.dry_run)
     except LaunchError as err:
         print(f"Launch error; nothing was launched:\n  - {loaded.sources.get('launcher', paths[-1])}: {err}",
               file=sys.stderr)

@@ -83,7 +83,8 @@ def _hostfile_hosts(path: str) -> list[str]:
     return hosts
 
 
-def resolve_hostfile(cfg: NeoXConfig, run_dir: Path, environ: Mapping[str, str], gpus: int) -> Optional[str]:
+def resolve_hostfile(cfg: NeoXConfig, run_dir: Path, environ: Mapping[str, str], gpus: int,
+                     dry_run: bool = False) -> Optional[str]:
     """The hostfile of this launch: the config's, else $DLTS_HOSTFILE (GPT-NeoX and DeepSpeed read it), else, for
     a SLURM launch inside an allocation, one written from SLURM_JOB_NODELIST; None means one node."""
     if cfg.hostfile:
@@ -94,6 +95,8 @@ def resolve_hostfile(cfg: NeoXConfig, run_dir: Path, environ: Mapping[str, str],
         return None
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     if not nodelist:
+        if cfg.num_nodes > 1 and dry_run:
+            return str(run_dir / "hostfile")  # what the job will write; the dry run says so
         if cfg.num_nodes > 1:
             raise LaunchError("launcher slurm without a hostfile takes the nodes from the SLURM allocation, but "
                               "SLURM_JOB_NODELIST is not set\n    fix: run deepy.py inside the job (sbatch script or "
@@ -118,14 +121,17 @@ def launcher_name(cfg: NeoXConfig) -> str:
 
 
 def plan_launch(cfg: NeoXConfig, script: str, config_path: Path, run_dir: Path, gpus: int, root: str,
-                environ: Optional[Mapping[str, str]] = None) -> Launch:
+                environ: Optional[Mapping[str, str]] = None, dry_run: bool = False) -> Launch:
     """The DeepSpeed runner command and its environment. Every flag is one of `deepspeed.launcher.runner`'s own
     (tests/test_launchers.py parses each command with its parser)."""
     environ = dict(os.environ if environ is None else environ)
-    hostfile = resolve_hostfile(cfg, run_dir, environ, gpus)
+    hostfile = resolve_hostfile(cfg, run_dir, environ, gpus, dry_run)
     launcher = launcher_name(cfg)
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
     notes: list[str] = []
+    if hostfile and not Path(hostfile).is_file() and launcher == "slurm" and not cfg.hostfile:
+        notes.append(f"not inside a SLURM job: in the job, {hostfile} is written from SLURM_JOB_NODELIST and the "
+                     "first node is the rendezvous (master_addr)")
     hosts = _hostfile_hosts(hostfile) if hostfile and Path(hostfile).is_file() else []
     if hostfile:
         cmd += ["--hostfile", hostfile, "--launcher", launcher]

@@ -229,6 +229,13 @@ def test_slurm_launch_outside_an_allocation_is_refused(tmp_path):
 
     with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST"):
         plan(tmp_path, {}, launcher="slurm", num_nodes=2, num_gpus=8)
+    # A dry run outside the job shows the command the job will run, and says so.
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(ROOT / "configs" /
+                           "astrosage70b_cpt.yml"), "--dry-run"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("SLURM")})
+    assert proc.returncode == 0, proc.stderr
+    assert "not inside a SLURM job" in proc.stdout and "--launcher slurm" in proc.stdout
+    assert not (tmp_path / "runs" / "astrosage70b_cpt" / "hostfile").exists()
 
 
 def test_worker_environment_from_each_launcher():
