@@ -7,7 +7,6 @@ wrong types, cross-field rules) are gathered into one `ConfigError` that names f
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional

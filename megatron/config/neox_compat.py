@@ -167,7 +167,8 @@ TABLE: dict[str, Compat] = {
     "use_comet": _off("not used", _NO_COMET), "comet_workspace": Compat(ANY, _NO_COMET),
     "comet_project": Compat(ANY, _NO_COMET), "comet_experiment_name": Compat(ANY, _NO_COMET),
     "comet_tags": Compat(ANY, _NO_COMET), "comet_others": Compat(ANY, _NO_COMET),
-    "dump_state": _off("not dumped", "remove it"), "flops_profiler": _off("FLOPs are logged (TFLOP/s/GPU)", "remove it"),
+    "dump_state": _off("not dumped", "remove it"),
+    "flops_profiler": _off("FLOPs are logged (TFLOP/s/GPU)", "remove it"),
     "tensorboard": _off("use tensorboard_dir", "use tensorboard_dir"), "wandb": _off("use use_wandb", "use use_wandb"),
     "csv_monitor": _off("metrics go to RUN_DIR/metrics.jsonl", "remove it"),
     "comms_logger": _off("not logged", "remove it"),
@@ -407,7 +408,7 @@ def _neox_defaults(raw: dict, issue) -> None:
             issue(key, f"not set, and this is a GPT-NeoX config: GPT-NeoX would build {key} {neox!r}, this trainer "
                   f"{ours!r}", f"write {key}: {str(ours).lower() if isinstance(ours, bool) else ours} (Llama's) to "
                   "build the Llama model; GPT-NeoX's default is not supported" if key != "rms_norm_epsilon" else
-                  f"write rms_norm_epsilon: 1.0e-8 (GPT-NeoX's default) or 1.0e-5 (Llama's)")
+                  "write rms_norm_epsilon: 1.0e-8 (GPT-NeoX's default) or 1.0e-5 (Llama's)")
 
 
 def _map_simple(raw: dict, issue) -> list[str]:
