@@ -270,7 +270,7 @@ def _training(cfg: "NeoXConfig") -> list[ConfigIssue]:
     return issues
 
 
-def _data(cfg: "NeoXConfig") -> list[ConfigIssue]:
+def _data(cfg: "NeoXConfig", check_files: bool = True) -> list[ConfigIssue]:
     issues = []
     if cfg.data_path and cfg.train_data_paths:
         issues.append(ConfigIssue("data_path,train_data_paths", "give either data_path (+ split) or "
@@ -308,7 +308,7 @@ def _data(cfg: "NeoXConfig") -> list[ConfigIssue]:
     if cfg.tokenizer_type != "Llama3Tokenizer" and not cfg.vocab_file:
         issues.append(ConfigIssue("vocab_file", f"{cfg.tokenizer_type} needs a tokenizer file",
                                   "set vocab_file to tokenizer.json (HFTokenizer) or the .model (SPMTokenizer)"))
-    elif cfg.vocab_file:
+    elif cfg.vocab_file and check_files:  # deepy.py loads it once; the workers load it themselves anyway
         issues += _tokenizer_file(cfg)
     return issues
 
@@ -388,4 +388,4 @@ def check_cross_field(cfg: "NeoXConfig", available_devices: Optional[int] = None
     is worked out from the config and `available_devices` as DeepSpeed's runner will."""
     world, issues = (world_size, []) if world_size else _world_size(cfg, available_devices)
     return (issues + _required(cfg) + _model_shape(cfg) + _positions(cfg) + _parallel(cfg, world) + _training(cfg)
-            + _data(cfg) + _checkpoint(cfg))
+            + _data(cfg, check_files=world_size is None) + _checkpoint(cfg))
