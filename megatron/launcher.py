@@ -236,7 +236,9 @@ def forward_stop_signals(proc: subprocess.Popen, launch: Launch, script: str, co
             except (psutil.Error, IndexError):
                 pass
         for cmd in stop_commands(launch, script, config_path):
-            subprocess.run(cmd, env=launch.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            # ssh, as DeepSpeed's own pdsh call uses (pdsh's default remote shell may be rsh)
+            subprocess.run(cmd, env={**launch.env, "PDSH_RCMD_TYPE": "ssh"}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=60)
         print(f"deepy: forwarded {signal.Signals(signum).name} to the workers; they save and exit", flush=True)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
