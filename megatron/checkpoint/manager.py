@@ -4,10 +4,15 @@ Save order (what makes an interrupted save harmless):
   1. rank 0 removes the tag folder if it already exists (a save of this step that was killed, or the same step of
      an abandoned branch after a rollback): marker first, so it is never a complete checkpoint with stale files;
   2. every rank writes its DeepSpeed files and its RNG state;
-  3. barrier; rank 0 writes config.yml, then `neox_meta.json` (the completeness marker), then moves `latest`
-     (atomic rename) and prunes old checkpoints.
-Load picks the newest complete checkpoint (see `metadata.find_loadable_tag`) and resumes it through DeepSpeed when
-the layout is unchanged, or through `reshard` when TP, PP or DP differ.
+  3. barrier; the ranks checksum the folder's files in parallel (each a share); rank 0 writes config.yml, then
+     `neox_meta.json` (the completeness marker, with every checksum), then moves `latest` (atomic rename) and
+     prunes old checkpoints.
+A save never removes a complete checkpoint unless `allow_rollback` says so (a resume from an earlier step), or a
+load found it corrupt (then it is renamed `global_stepN.corrupt`, kept for inspection, not deleted).
+Load picks the newest complete checkpoint (see `metadata.find_loadable_tag`), verifies the files it will read
+(each rank a share; a corrupt one makes every rank fall back to the newest checkpoint that verifies, or refuses
+when `load_iteration` named it), and resumes it through DeepSpeed when the layout is unchanged, or through
+`reshard` when TP, PP or DP differ.
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ class CheckpointManager:
         self.config_to_save = config_to_save or cfg
         self.rank = layout.rank
         self.last_saved: Optional[int] = None
+        self.corrupt_tags: set[str] = set()  # found corrupt at load: a save of the same step sets them aside
+        self.resumed_from = 0  # the step loaded (0: a fresh or finetune start)
 
     # ------------------------------------------------------------------ save
     def save(self, iteration: int, consumed_samples: int, data_state: dict) -> Optional[Path]:
@@ -95,7 +102,18 @@ class CheckpointManager:
             return None
         root, tag = Path(cfg.save), metadata.tag_for(iteration)
         tag_dir = root / tag
-        if self.rank == 0 and tag_dir.exists():
+        if metadata.is_complete(tag_dir) and tag not in self.corrupt_tags and not cfg.allow_rollback:
+            # deepy.py refuses such a run before launch; this guards runs started another way (every rank checks).
+            raise CheckpointMismatchError(
+                f"step {iteration} would overwrite the complete checkpoint {tag_dir} (a later step than the "
+                f"{self.resumed_from} this run resumed from); nothing was written. Set allow_rollback: true to "
+                "replace it, or save to another directory.")
+        if self.rank == 0 and tag in self.corrupt_tags and tag_dir.exists():
+            aside = root / f"{tag}.corrupt"
+            shutil.rmtree(aside, ignore_errors=True)
+            tag_dir.rename(aside)  # not a checkpoint name any more; kept for inspection
+            self.log(f"moved the corrupt checkpoint {tag_dir} aside to {aside}")
+        elif self.rank == 0 and tag_dir.exists():
             # An overwrite is incomplete until re-marked, and must not mix in files of another layout.
             (tag_dir / metadata.META_NAME).unlink(missing_ok=True)
             shutil.rmtree(tag_dir)
@@ -107,6 +125,7 @@ class CheckpointManager:
         os.replace(rng_path.with_suffix(".tmp"), rng_path)
         _fault_pause_in_save(self.rank, iteration)
         torch.distributed.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+        checksums = self._checksum_share(tag_dir)
         if self.rank == 0:
             save_resolved(self.config_to_save, tag_dir / "config.yml")
             lay = self.layout
@@ -119,6 +138,9 @@ class CheckpointManager:
             meta["tokens_seen"] = consumed_samples * cfg.seq_length
             meta["skipped_steps"] = int(getattr(self.engine, "skipped_steps", 0))
             meta["save_serial"] = metadata.next_save_serial(root)
+            if checksums is not None:
+                checksums.update(metadata.checksum_files(tag_dir, ["config.yml"]))
+                meta["checksums"] = dict(sorted(checksums.items()))
             later = [t for t in metadata.complete_tags(root) if metadata.tag_iteration(t) > iteration]
             if later:
                 self.log(f"note: {root} also holds later steps of an earlier run ({', '.join(later)}); `latest` "
@@ -130,6 +152,64 @@ class CheckpointManager:
         torch.distributed.barrier()
         self.last_saved = iteration
         return tag_dir
+
+    def _checksum_share(self, tag_dir: Path) -> Optional[dict]:
+        """Each rank hashes every world-th file of the folder; rank 0 gets them all (None: verification is off)."""
+        if not self.cfg.verify_checkpoints:
+            return None
+        world = torch.distributed.get_world_size()
+        names = metadata.files_to_checksum(tag_dir)
+        mine = metadata.checksum_files(tag_dir, names[self.rank::world])
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+        return {k: v for share in shares for k, v in share.items()}
+
+    def _verify(self, root: Path, tag: str, weights_only: bool) -> list[tuple[str, str]]:
+        """The files of `tag` that fail verification, the same list on every rank (each rank checks a share)."""
+        tag_dir = root / tag
+        try:
+            meta = metadata.read_meta(tag_dir)
+        except (OSError, ValueError) as e:
+            return [(metadata.META_NAME, str(e))]
+        checksums = meta.get("checksums")
+        if not self.cfg.verify_checkpoints or not checksums:
+            if self.cfg.verify_checkpoints:
+                self.log(f"note: {tag_dir} has no checksums (saved before they existed, or by a converter); "
+                         "loaded unverified")
+            return []
+        # Optimizer shards are not read by a weights-only load (finetune): no need to read them here either.
+        names = [n for n in sorted(checksums) if not (weights_only and n.startswith("zero_pp_rank_"))]
+        world = torch.distributed.get_world_size()
+        mine = metadata.verify_files(tag_dir, checksums, names[self.rank::world])
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+        return sorted(bad for share in shares for bad in share)
+
+    def _verified_tag(self, root: Path, tag: str, explicit: bool, weights_only: bool) -> str:
+        """`tag`, or the newest checkpoint before it that verifies (with one warning per corrupt one); refused when
+        `explicit` (load_iteration names it)."""
+        bad_tags: list[str] = []
+        while True:
+            bad = self._verify(root, tag, weights_only)
+            if not bad:
+                return tag
+            name, why = bad[0]
+            more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+            if explicit:
+                raise CheckpointMismatchError(
+                    f"checkpoint file {root / tag / name} {why}{more}. load_iteration names this checkpoint, so "
+                    "nothing was loaded: load another step (load_iteration), or copy this one again if it was "
+                    f"transferred (`python tools/ckpts/inspect_checkpoint.py {root} --verify` checks them all).")
+            bad_tags.append(tag)
+            self.corrupt_tags.add(tag)
+            fallback = metadata.find_loadable_tag(root, exclude=bad_tags, warn=lambda m: None)
+            self.log(f"WARNING: checkpoint {root / tag} is corrupt: {name} {why}{more}; "
+                     + (f"falling back to {root / fallback}" if fallback else "no earlier complete checkpoint"))
+            if fallback is None:
+                raise CheckpointMismatchError(
+                    f"no checkpoint in {root} verifies (corrupt: {', '.join(bad_tags)}); nothing was loaded. "
+                    f"`python tools/ckpts/inspect_checkpoint.py {root} --verify` lists the bad files.")
+            tag = fallback
 
     def _prune(self, root: Path) -> None:
         keep = self.cfg.keep_last_n_checkpoints
@@ -150,7 +230,7 @@ class CheckpointManager:
         if not cfg.save or cfg.load_iteration is not None or (cfg.load and _same_dir(cfg.load, cfg.save)):
             return None
         root = Path(cfg.save)
-        tag = metadata.find_loadable_tag(root) if root.is_dir() else None
+        tag = metadata.find_loadable_tag(root, warn=self.log) if root.is_dir() else None
         if tag is None:
             return None
         saved_config = root / tag / "config.yml"
@@ -166,18 +246,28 @@ class CheckpointManager:
         """Restore the run's state: from its own latest save if it has one (a restart), else from `load`."""
         cfg, lay = self.cfg, self.layout
         own = self._own_latest()
+        explicit = False
         if own is not None:
             root, tag, finetune = Path(cfg.save), own, False
             self.log(f"continuing this run from its own latest save {root / tag} (load: {cfg.load} started it)")
         elif cfg.load:
             root, finetune = Path(cfg.load), cfg.finetune
             wanted = metadata.tag_for(cfg.load_iteration) if cfg.load_iteration is not None else None
-            tag = metadata.find_loadable_tag(root, wanted)
+            explicit = wanted is not None
+            try:
+                tag = metadata.find_loadable_tag(root, wanted, warn=self.log)
+            except (FileNotFoundError, ValueError) as e:
+                raise CheckpointMismatchError(f"{e}; load_iteration: {cfg.load_iteration} names it, so nothing "
+                                              "was loaded") from None
             if tag is None:
-                self.log(f"no complete checkpoint in {root}; starting from scratch")
-                return None
+                if cfg.allow_fresh_start or _same_dir(cfg.load, cfg.save):  # deepy.py refuses the other cases
+                    self.log(f"no complete checkpoint in {root}; starting from scratch")
+                    return None
+                raise CheckpointMismatchError(f"load: {root} holds no complete checkpoint; nothing was trained. "
+                                              "Fix the path, or set allow_fresh_start: true to start from scratch.")
         else:
             return None
+        tag = self._verified_tag(root, tag, explicit, finetune)
         tag_dir = root / tag
         meta = metadata.read_meta(tag_dir)
         self._check_model(meta, tag_dir)
@@ -222,6 +312,7 @@ class CheckpointManager:
                  f"step {state.iteration}, {state.consumed_samples} samples consumed"
                  + (", fresh optimizer" if weights_only else "")) + ")")
         self.last_saved = state.iteration if not finetune else None
+        self.resumed_from = state.iteration
         return state
 
     def _check_model(self, meta: dict, tag_dir: Path) -> None:
