@@ -8,7 +8,7 @@ Save order (what makes an interrupted save harmless):
      `neox_meta.json` (the completeness marker, with every checksum), then moves `latest` (atomic rename) and
      prunes old checkpoints.
 A save never removes a complete checkpoint unless `allow_rollback` says so (a resume from an earlier step), or a
-load found it corrupt (then it is renamed `global_stepN.corrupt`, kept for inspection, not deleted).
+load found it corrupt (then it is renamed `global_stepN.corrupt-DATE`, kept for inspection, not deleted).
 Load picks the newest complete checkpoint (see `metadata.find_loadable_tag`), verifies the files it will read
 (each rank a share; a corrupt one makes every rank fall back to the newest checkpoint that verifies, or refuses
 when `load_iteration` named it), and resumes it through DeepSpeed when the layout is unchanged, or through
@@ -102,15 +102,17 @@ class CheckpointManager:
             return None
         root, tag = Path(cfg.save), metadata.tag_for(iteration)
         tag_dir = root / tag
-        if metadata.is_complete(tag_dir) and tag not in self.corrupt_tags and not cfg.allow_rollback:
+        # A complete tag found corrupt at load, or whose marker is damaged, is set aside (renamed), never deleted.
+        corrupt = tag in self.corrupt_tags or (metadata.is_complete(tag_dir) and metadata.meta_problem(tag_dir))
+        if metadata.is_complete(tag_dir) and not corrupt and not cfg.allow_rollback:
             # deepy.py refuses such a run before launch; this guards runs started another way (every rank checks).
             raise CheckpointMismatchError(
                 f"step {iteration} would overwrite the complete checkpoint {tag_dir} (a later step than the "
                 f"{self.resumed_from} this run resumed from); nothing was written. Set allow_rollback: true to "
                 "replace it, or save to another directory.")
-        if self.rank == 0 and tag in self.corrupt_tags and tag_dir.exists():
-            aside = root / f"{tag}.corrupt"
-            shutil.rmtree(aside, ignore_errors=True)
+        torch.distributed.barrier()  # every rank judged the folder before rank 0 moves or removes it
+        if self.rank == 0 and corrupt:
+            aside = root / f"{tag}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
             tag_dir.rename(aside)  # not a checkpoint name any more; kept for inspection
             self.log(f"moved the corrupt checkpoint {tag_dir} aside to {aside}")
         elif self.rank == 0 and tag_dir.exists():
