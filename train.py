@@ -39,7 +39,7 @@ def main() -> None:
     except (CheckpointMismatchError, CorruptDatasetError) as e:
         # A user error: say what and how to fix it, without a traceback. Checkpoint checks run on every rank
         # with the same result, so rank 0 alone says it; a data file is opened by every rank too.
-        if rank == 0:
+        if rank == 0 or not getattr(e, "all_ranks", True):
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingDiverged:  # already explained in the log

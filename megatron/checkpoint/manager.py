@@ -41,7 +41,13 @@ SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "lr_decay_style", "decay_iters")
 
 
 class CheckpointMismatchError(RuntimeError):
-    """The checkpoint cannot be used with this config (model shape or schedule differ)."""
+    """The checkpoint cannot be used with this config (model shape or schedule differ, a file is corrupt).
+
+    `all_ranks`: every rank raises it with the same message (train.py prints it once, on rank 0)."""
+
+    def __init__(self, message: str, all_ranks: bool = True):
+        super().__init__(message)
+        self.all_ranks = all_ranks
 
 
 @dataclass
@@ -283,7 +289,7 @@ class CheckpointManager:
                     str(root), tag=tag, load_optimizer_states=not weights_only, load_lr_scheduler_states=False,
                     load_module_only=weights_only)
             except Exception as e:  # DeepSpeed's errors rarely say which file; find it before giving up
-                raise CheckpointMismatchError(_load_failure(tag_dir, e)) from None
+                raise CheckpointMismatchError(_load_failure(tag_dir, e), all_ranks=False) from None
             if path is None:
                 raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {tag_dir}")
         else:
@@ -306,8 +312,9 @@ class CheckpointManager:
                 try:
                     rng.restore(torch.load(rng_path, weights_only=False))
                 except Exception as e:
-                    raise CheckpointMismatchError(f"{rng_path} cannot be read ({type(e).__name__}: {e}): the "
-                                                  "file is corrupt; load an earlier checkpoint") from None
+                    raise CheckpointMismatchError(
+                        f"{rng_path} cannot be read ({type(e).__name__}: {e}): the file is corrupt; load an earlier "
+                        "checkpoint", all_ranks=False) from None
             elif rng_path.exists():
                 self.log("RNG states not restored (the layout changed; streams are per rank)")
         self.log(f"loaded {tag_dir} (" + ("weights only, new run at step 0" if finetune else

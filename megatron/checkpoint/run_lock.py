@@ -55,7 +55,8 @@ def describe(owner: dict) -> str:
 
 
 class RunLock:
-    def __init__(self, save_dir: str | Path, stale_seconds: float = 300.0, heartbeat_seconds: float = HEARTBEAT_SECONDS):
+    def __init__(self, save_dir: str | Path, stale_seconds: float = 300.0,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS):
         self.path = Path(save_dir) / LOCK_NAME
         self.stale_seconds = stale_seconds
         self.heartbeat_seconds = heartbeat_seconds
