@@ -239,3 +239,51 @@ def test_a_killed_writer_leaves_no_temporary_file_behind(tmp_path):
         w.add_document(np.arange(10))
         w.finalize()
     assert not stale.exists() and live.exists()
+
+
+def test_kill_9_at_a_random_moment_then_the_resume_matches_the_straight_run(base, data, tmp_path):
+    """SIGKILL to the whole job (launcher and ranks) after a random step plus a random delay — mid-step, mid-save
+    or between — then the same command again: it takes over the dead job's lock, resumes from the newest complete
+    checkpoint, and every logged loss equals the uninterrupted run's, each step once in metrics.jsonl."""
+    import random
+    import signal
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    after_step, delay = rng.randint(1, STEPS - 1), rng.uniform(0.0, 1.5)
+    cfg = _config(tmp_path, data, LAYOUT, train_iters=STEPS, load=str(tmp_path / "ckpt"))
+    proc = _spawn(cfg, NEOX_FAULT_STEP_SLEEP="0.5")
+    _wait_for(proc, f"step {after_step:>6}/")
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = _ok(_deepy(cfg))
+    _clean(out)
+    assert "took over the stale run lock" in out, (seed, out[-3000:])
+    ref, resumed = _losses(base["run"]), _losses(tmp_path)
+    assert sorted(resumed) == list(range(1, STEPS + 1)), (seed, after_step, delay)
+    assert [resumed[s] for s in resumed] == [ref[s] for s in resumed], (seed, after_step, delay)
+
+
+def test_run_lock_judges_another_hosts_lock_by_its_heartbeat(tmp_path):
+    """On a shared file system the owner may be on another host: its pid means nothing here, its heartbeat does."""
+    from megatron.checkpoint.run_lock import RunLock, RunLocked
+
+    lock_file = tmp_path / ".run.lock"
+    other = {"host": "node-that-is-not-this-one", "pid": 1, "job_id": "SLURM_JOB_ID=42"}
+    lock_file.write_text(json.dumps({**other, "heartbeat": time.time() - 10}))
+    with pytest.raises(RunLocked) as held:
+        RunLock(tmp_path, stale_seconds=60).acquire()
+    assert held.value.args[0]["job_id"] == "SLURM_JOB_ID=42"
+    lock_file.write_text(json.dumps({**other, "heartbeat": time.time() - 120}))
+    lock = RunLock(tmp_path, stale_seconds=60, heartbeat_seconds=0.05)
+    lock.acquire()
+    assert lock.took_over["host"] == other["host"]
+    first = json.loads(lock_file.read_text())
+    assert first["pid"] == os.getpid() and first["host"] == socket.gethostname()
+    time.sleep(0.3)
+    assert json.loads(lock_file.read_text())["heartbeat"] > first["heartbeat"]  # the owner keeps it fresh
+    with pytest.raises(RunLocked):  # a second taker in this very process (same host, live pid) is refused
+        RunLock(tmp_path).acquire()
+    lock.release()
+    assert not lock_file.exists()

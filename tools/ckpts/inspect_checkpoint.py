@@ -61,7 +61,14 @@ def inspect(path: Path, iteration: int | None) -> dict:
         tag = metadata.find_loadable_tag(root, metadata.tag_for(iteration) if iteration is not None else None)
     steps = []
     for p in metadata.step_dirs(root):
-        steps.append({"tag": p.name, "complete": metadata.is_complete(p), "bytes": _size(p)})
+        step = {"tag": p.name, "complete": metadata.is_complete(p), "bytes": _size(p)}
+        if step["complete"]:  # cheap checks (no file is read): a damaged marker, files listed but absent
+            problem = metadata.meta_problem(p)
+            listed = {} if problem else (metadata.read_meta(p).get("checksums") or {})
+            missing = sorted(n for n in listed if not (p / n).is_file())
+            if problem or missing:
+                step["damaged"] = problem or f"missing: {', '.join(missing)}"
+        steps.append(step)
     latest = (root / metadata.LATEST).read_text().strip() if (root / metadata.LATEST).is_file() else None
     report = {"root": str(root), "latest": latest, "steps": steps, "tag": tag}
     if tag is not None:
@@ -85,6 +92,8 @@ def _print(report: dict, diff: list | None) -> None:
     print(f"checkpoint root: {report['root']}   latest -> {report['latest']}")
     for s in report["steps"]:
         state = "complete" if s["complete"] else "INCOMPLETE (interrupted save; never loaded)"
+        if s.get("damaged"):
+            state = f"DAMAGED ({s['damaged']}; a resume skips it)"
         print(f"  {s['tag']:<20} {s['bytes'] / 2**20:10.1f} MiB  {state}")
     if report["tag"] is None:
         return
