@@ -161,13 +161,38 @@ class CheckpointManager:
         self.last_saved = iteration
         return tag_dir
 
+    def _own_files(self) -> set[str]:
+        """The files of a step folder this rank writes at a save and reads at a load (same layout): its pipeline
+        stage's layer files at its TP rank, its model-parallel file, its ZeRO shard and its RNG state."""
+        lay = self.layout
+        mp = lay.pp_rank * lay.tp + lay.tp_rank
+        parts = getattr(self.engine.module, "parts", None) or [0, 0]
+        own = {metadata.layer_file(spec, lay.tp_rank) for spec in range(parts[lay.pp_rank], parts[lay.pp_rank + 1])}
+        return own | {metadata.mp_rank_file(mp), metadata.optim_file(lay.dp_rank, mp), f"rng_state_{self.rank:05d}.pt"}
+
+    def _my_share(self, names: list[str]) -> list[str]:
+        """This rank's share of `names` to hash: the files it wrote or will read itself where it can (they are in
+        its node's page cache: no second read over the network), spread among the ranks that share a file (the
+        DP replicas of a layer file); the rest round-robin. Every rank computes the same split."""
+        world = torch.distributed.get_world_size()
+        claims = [None] * world
+        torch.distributed.all_gather_object(claims, sorted(self._own_files() & set(names)))
+        claimants: dict[str, list[int]] = {}
+        for rank, claimed in enumerate(claims):
+            for name in claimed:
+                claimants.setdefault(name, []).append(rank)
+        unclaimed = [n for n in names if n not in claimants]
+        mine = [n for n in unclaimed[self.rank::world]]
+        mine += [n for i, n in enumerate(sorted(claimants)) if claimants[n][i % len(claimants[n])] == self.rank]
+        return sorted(mine)
+
     def _checksum_share(self, tag_dir: Path) -> Optional[dict]:
         """Each rank hashes every world-th file of the folder; rank 0 gets them all (None: verification is off)."""
         if not self.cfg.verify_checkpoints:
             return None
         world = torch.distributed.get_world_size()
         names = metadata.files_to_checksum(tag_dir)
-        mine = metadata.checksum_files(tag_dir, names[self.rank::world])
+        mine = metadata.checksum_files(tag_dir, self._my_share(names))
         shares = [None] * world
         torch.distributed.all_gather_object(shares, mine)
         return {k: v for share in shares for k, v in share.items()}
@@ -188,7 +213,7 @@ class CheckpointManager:
         # Optimizer shards are not read by a weights-only load (finetune): no need to read them here either.
         names = [n for n in sorted(checksums) if not (weights_only and n.startswith("zero_pp_rank_"))]
         world = torch.distributed.get_world_size()
-        mine = metadata.verify_files(tag_dir, checksums, names[self.rank::world])
+        mine = metadata.verify_files(tag_dir, checksums, self._my_share(names))
         shares = [None] * world
         torch.distributed.all_gather_object(shares, mine)
         return sorted(bad for share in shares for bad in share)
