@@ -21,6 +21,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
     lines += ["", f"Hashing alone: {gb / best['checksum']:.1f} GB/s at save, {gb / best['verify']:.1f} GB/s at "
                   f"load (one core). A run splits the files over its ranks, so each rank hashes 1/world of them.",
               ""]
-    text = "\n".join(lines)
+    text = "\n".join(w for line in lines for w in (
+        [line] if line.startswith("|") or len(line) <= 120 else textwrap.wrap(line, 120, break_on_hyphens=False)))
     print(text)
     if not args.no_doc:
         doc = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
