@@ -292,3 +292,27 @@ def test_run_lock_judges_another_hosts_lock_by_its_heartbeat(tmp_path):
         RunLock(tmp_path).acquire()
     lock.release()
     assert not lock_file.exists()
+
+
+def test_bad_steps_from_the_first_step_after_a_load_save_nothing():
+    """Non-finite from the first step after the load: the loaded weights are the fault, so they are not saved as
+    'the weights from before the fault' (a later streak still saves)."""
+    from types import SimpleNamespace
+
+    from megatron.trainer import Trainer, TrainingDiverged
+
+    def stopped(first_bad: int, resumed_from: int = 4):
+        saved, printed = [], []
+        trainer = SimpleNamespace(
+            guard=SimpleNamespace(consecutive=3, first_bad_step=first_bad, max_bad_steps=3),
+            checkpoints=SimpleNamespace(resumed_from=resumed_from), cfg=SimpleNamespace(save="ckpt"),
+            iteration=first_bad + 2, save=lambda: saved.append(1) or "ckpt/global_step9",
+            sinks=SimpleNamespace(print=printed.append, close=lambda: None))
+        with pytest.raises(TrainingDiverged):
+            Trainer._stop_on_bad_steps(trainer)
+        return saved, printed[-1]
+
+    saved, message = stopped(first_bad=5)
+    assert not saved and "No step since the start (step 4) was finite, so nothing was saved" in message
+    saved, message = stopped(first_bad=7)
+    assert saved and "The weights from before the fault are saved in ckpt/global_step9" in message
