@@ -167,8 +167,9 @@ class CheckpointManager:
         lay = self.layout
         mp = lay.pp_rank * lay.tp + lay.tp_rank
         parts = getattr(self.engine.module, "parts", None) or [0, 0]
-        own = {metadata.layer_file(spec, lay.tp_rank) for spec in range(parts[lay.pp_rank], parts[lay.pp_rank + 1])}
-        return own | {metadata.mp_rank_file(mp), metadata.optim_file(lay.dp_rank, mp), f"rng_state_{self.rank:05d}.pt"}
+        own = {metadata.layer_file(s, lay.tp_rank) for s in range(parts[lay.pp_rank], parts[lay.pp_rank + 1])}
+        return own | {metadata.mp_rank_file(mp), metadata.optim_file(lay.dp_rank, mp),
+                      f"rng_state_{self.rank:05d}.pt"}
 
     def _my_share(self, names: list[str]) -> list[str]:
         """This rank's share of `names` to hash: the files it wrote or will read itself where it can (they are in
@@ -182,12 +183,13 @@ class CheckpointManager:
             for name in claimed:
                 claimants.setdefault(name, []).append(rank)
         unclaimed = [n for n in names if n not in claimants]
-        mine = [n for n in unclaimed[self.rank::world]]
+        mine = unclaimed[self.rank::world]
         mine += [n for i, n in enumerate(sorted(claimants)) if claimants[n][i % len(claimants[n])] == self.rank]
         return sorted(mine)
 
     def _checksum_share(self, tag_dir: Path) -> Optional[dict]:
-        """Each rank hashes every world-th file of the folder; rank 0 gets them all (None: verification is off)."""
+        """Each rank hashes its share of the folder's files (`_my_share`); every rank gets all the checksums (None:
+        verification is off)."""
         if not self.cfg.verify_checkpoints:
             return None
         world = torch.distributed.get_world_size()
