@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"override  {line}")
     for line in loaded.notes:
         print(f"info  GPT-NeoX {line}")
+    from megatron.preflight import before_launch  # data, checkpoint and run-lock checks on disk (exit 2 if bad)
+
+    if before_launch(cfg, loaded.sources, dry_run=args.dry_run):
+        return 2
 
     run_dir = Path(cfg.run_dir or os.path.join("runs", Path(paths[-1]).stem))
     config_path = (run_dir / "config.yml").resolve()

@@ -25,6 +25,7 @@ except RuntimeError as err:
 from megatron.config.errors import ConfigError  # noqa: E402
 from megatron.config.loader import load_resolved  # noqa: E402
 from megatron.checkpoint.manager import CheckpointMismatchError  # noqa: E402
+from megatron.data.indexed_dataset import CorruptDatasetError  # noqa: E402
 from megatron.trainer import Trainer, TrainingDiverged  # noqa: E402
 
 
@@ -40,13 +41,32 @@ def main() -> None:
     except ConfigError as e:  # rules that need the real world size (deepy.py could not know it)
         print(e.format(f"the {world or 1} ranks launched stop before training"), file=sys.stderr, flush=True)
         sys.exit(2)
+    rank = int(os.environ.get("RANK", 0))
     try:
         Trainer(cfg, args.run_dir).fit()
-    except CheckpointMismatchError as e:  # a user error: say what and how to fix it, without a traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (CheckpointMismatchError, CorruptDatasetError) as e:
+        # A user error: say what and how to fix it, without a traceback. Checkpoint checks run on every rank
+        # with the same result, so rank 0 alone says it; a data file is opened by every rank too.
+        if rank == 0 or not getattr(e, "all_ranks", True):
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingDiverged:  # already explained in the log
         sys.exit(3)
+    except Exception as e:
+        if _peer_failure(e):  # the rank that failed printed its own error: no second traceback from this one
+            print(f"rank {rank}: stopping, another rank failed (its error is above)", file=sys.stderr, flush=True)
+            sys.exit(1)
+        raise
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """True for the errors a collective raises on the healthy ranks when another rank's process is gone."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                            "recvBytes", "Socket Timeout", "NCCL communicator was aborted"))
 
 
 if __name__ == "__main__":

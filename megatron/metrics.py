@@ -98,22 +98,38 @@ class MetricSinks:
     def resume_history(self, iteration: int) -> None:
         """Take the records of the steps this run resumes after from run_dir/metrics.jsonl, so the plot and the
         summary cover the whole run. Records past `iteration` are from a later checkpoint's run that was rolled
-        back; within the file, a record below the highest step before it starts such a rolled-back run too."""
-        if not self.enabled or iteration == 0:
+        back; within the file, a record below the highest step before it starts such a rolled-back run too.
+
+        The file is rewritten to hold the kept records only (a restart re-trains the steps after its checkpoint:
+        left in place they would appear twice); the dropped lines go to metrics.rolled_back.jsonl, not lost."""
+        path = self.run_dir / "metrics.jsonl" if self.enabled else None
+        if path is None or not path.is_file() or path.stat().st_size == 0:
             return
-        kept: list[dict] = []
-        with open(self.run_dir / "metrics.jsonl") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                    step = int(record["step"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a crash
-                record["step"] = step
-                if kept and step < kept[-1]["step"]:
-                    kept = [r for r in kept if r["step"] < step]
-                kept.append(record)
-        self.history = [r for r in kept if r["step"] <= iteration] + self.history
+        kept: list[tuple[dict, int]] = []  # (record, line number)
+        lines = [line.rstrip("\n") + "\n" for line in path.read_text().splitlines()]
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+            record["step"] = step
+            if kept and step < kept[-1][0]["step"]:
+                kept = [(r, j) for r, j in kept if r["step"] < step]
+            kept.append((record, i))
+        kept = [(r, j) for r, j in kept if r["step"] <= iteration]
+        self.history = [r for r, _ in kept] + self.history
+        kept_lines = {j for _, j in kept}
+        dropped = [line for i, line in enumerate(lines) if i not in kept_lines]
+        if not dropped:
+            return
+        with open(self.run_dir / "metrics.rolled_back.jsonl", "a") as f:
+            f.writelines(dropped)
+        self.jsonl.close()
+        tmp = path.with_name(f".metrics.jsonl.tmp{os.getpid()}")
+        tmp.write_text("".join(lines[j] for _, j in kept))
+        os.replace(tmp, path)
+        self.jsonl = open(path, "a")
 
     def print(self, line: str) -> None:
         if self.enabled:

@@ -354,9 +354,12 @@ class Trainer:
     def _stop_on_bad_steps(self) -> dict:
         """Every bad step's update was skipped, so the weights are still those from before the fault: save them
         (with the data position past the bad batches) and stop with a message saying what to do."""
-        g = self.guard
+        g, start = self.guard, self.checkpoints.resumed_from
         where = ""
-        if self.cfg.save:
+        if g.first_bad_step == start + 1:  # no finite step since the start: the loaded weights themselves are bad
+            where = (f" No step since the start (step {start}) was finite, so nothing was saved: check the loaded "
+                     "checkpoint (tools/ckpts/inspect_checkpoint.py --verify) and the data.")
+        elif self.cfg.save:
             path = self.save()
             where = f" The weights from before the fault are saved in {path}."
         message = (f"stopping: {g.consecutive} consecutive steps ({g.first_bad_step}..{self.iteration}) had a "

@@ -4,10 +4,15 @@ Save order (what makes an interrupted save harmless):
   1. rank 0 removes the tag folder if it already exists (a save of this step that was killed, or the same step of
      an abandoned branch after a rollback): marker first, so it is never a complete checkpoint with stale files;
   2. every rank writes its DeepSpeed files and its RNG state;
-  3. barrier; rank 0 writes config.yml, then `neox_meta.json` (the completeness marker), then moves `latest`
-     (atomic rename) and prunes old checkpoints.
-Load picks the newest complete checkpoint (see `metadata.find_loadable_tag`) and resumes it through DeepSpeed when
-the layout is unchanged, or through `reshard` when TP, PP or DP differ.
+  3. barrier; the ranks checksum the folder's files in parallel (each a share); rank 0 writes config.yml, then
+     `neox_meta.json` (the completeness marker, with every checksum), then moves `latest` (atomic rename) and
+     prunes old checkpoints.
+A save never removes a complete checkpoint unless `allow_rollback` says so (a resume from an earlier step), or a
+load found it corrupt (then it is renamed `global_stepN.corrupt-DATE`, kept for inspection, not deleted).
+Load picks the newest complete checkpoint (see `metadata.find_loadable_tag`), verifies the files it will read
+(each rank a share; a corrupt one makes every rank fall back to the newest checkpoint that verifies, or refuses
+when `load_iteration` named it), and resumes it through DeepSpeed when the layout is unchanged, or through
+`reshard` when TP, PP or DP differ.
 """
 
 from __future__ import annotations
@@ -36,7 +41,13 @@ SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "lr_decay_style", "decay_iters")
 
 
 class CheckpointMismatchError(RuntimeError):
-    """The checkpoint cannot be used with this config (model shape or schedule differ)."""
+    """The checkpoint cannot be used with this config (model shape or schedule differ, a file is corrupt).
+
+    `all_ranks`: every rank raises it with the same message (train.py prints it once, on rank 0)."""
+
+    def __init__(self, message: str, all_ranks: bool = True):
+        super().__init__(message)
+        self.all_ranks = all_ranks
 
 
 @dataclass
@@ -87,6 +98,8 @@ class CheckpointManager:
         self.config_to_save = config_to_save or cfg
         self.rank = layout.rank
         self.last_saved: Optional[int] = None
+        self.corrupt_tags: set[str] = set()  # found corrupt at load: a save of the same step sets them aside
+        self.resumed_from = 0  # the step loaded (0: a fresh or finetune start)
 
     # ------------------------------------------------------------------ save
     def save(self, iteration: int, consumed_samples: int, data_state: dict) -> Optional[Path]:
@@ -95,7 +108,20 @@ class CheckpointManager:
             return None
         root, tag = Path(cfg.save), metadata.tag_for(iteration)
         tag_dir = root / tag
-        if self.rank == 0 and tag_dir.exists():
+        # A complete tag found corrupt at load, or whose marker is damaged, is set aside (renamed), never deleted.
+        corrupt = tag in self.corrupt_tags or (metadata.is_complete(tag_dir) and metadata.meta_problem(tag_dir))
+        if metadata.is_complete(tag_dir) and not corrupt and not cfg.allow_rollback:
+            # deepy.py refuses such a run before launch; this guards runs started another way (every rank checks).
+            raise CheckpointMismatchError(
+                f"step {iteration} would overwrite the complete checkpoint {tag_dir} (a later step than the "
+                f"{self.resumed_from} this run resumed from); nothing was written. Set allow_rollback: true to "
+                "replace it, or save to another directory.")
+        torch.distributed.barrier()  # every rank judged the folder before rank 0 moves or removes it
+        if self.rank == 0 and corrupt:
+            aside = root / f"{tag}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+            tag_dir.rename(aside)  # not a checkpoint name any more; kept for inspection
+            self.log(f"moved the corrupt checkpoint {tag_dir} aside to {aside}")
+        elif self.rank == 0 and tag_dir.exists():
             # An overwrite is incomplete until re-marked, and must not mix in files of another layout.
             (tag_dir / metadata.META_NAME).unlink(missing_ok=True)
             shutil.rmtree(tag_dir)
@@ -107,6 +133,7 @@ class CheckpointManager:
         os.replace(rng_path.with_suffix(".tmp"), rng_path)
         _fault_pause_in_save(self.rank, iteration)
         torch.distributed.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+        checksums = self._checksum_share(tag_dir)
         if self.rank == 0:
             save_resolved(self.config_to_save, tag_dir / "config.yml")
             lay = self.layout
@@ -119,6 +146,9 @@ class CheckpointManager:
             meta["tokens_seen"] = consumed_samples * cfg.seq_length
             meta["skipped_steps"] = int(getattr(self.engine, "skipped_steps", 0))
             meta["save_serial"] = metadata.next_save_serial(root)
+            if checksums is not None:
+                checksums.update(metadata.checksum_files(tag_dir, ["config.yml"]))
+                meta["checksums"] = dict(sorted(checksums.items()))
             later = [t for t in metadata.complete_tags(root) if metadata.tag_iteration(t) > iteration]
             if later:
                 self.log(f"note: {root} also holds later steps of an earlier run ({', '.join(later)}); `latest` "
@@ -130,6 +160,91 @@ class CheckpointManager:
         torch.distributed.barrier()
         self.last_saved = iteration
         return tag_dir
+
+    def _own_files(self) -> set[str]:
+        """The files of a step folder this rank writes at a save and reads at a load (same layout): its pipeline
+        stage's layer files at its TP rank, its model-parallel file, its ZeRO shard and its RNG state."""
+        lay = self.layout
+        mp = lay.pp_rank * lay.tp + lay.tp_rank
+        parts = getattr(self.engine.module, "parts", None) or [0, 0]
+        own = {metadata.layer_file(s, lay.tp_rank) for s in range(parts[lay.pp_rank], parts[lay.pp_rank + 1])}
+        return own | {metadata.mp_rank_file(mp), metadata.optim_file(lay.dp_rank, mp),
+                      f"rng_state_{self.rank:05d}.pt"}
+
+    def _my_share(self, names: list[str]) -> list[str]:
+        """This rank's share of `names` to hash: the files it wrote or will read itself where it can (they are in
+        its node's page cache: no second read over the network), spread among the ranks that share a file (the
+        DP replicas of a layer file); the rest round-robin. Every rank computes the same split."""
+        world = torch.distributed.get_world_size()
+        claims = [None] * world
+        torch.distributed.all_gather_object(claims, sorted(self._own_files() & set(names)))
+        claimants: dict[str, list[int]] = {}
+        for rank, claimed in enumerate(claims):
+            for name in claimed:
+                claimants.setdefault(name, []).append(rank)
+        unclaimed = [n for n in names if n not in claimants]
+        mine = unclaimed[self.rank::world]
+        mine += [n for i, n in enumerate(sorted(claimants)) if claimants[n][i % len(claimants[n])] == self.rank]
+        return sorted(mine)
+
+    def _checksum_share(self, tag_dir: Path) -> Optional[dict]:
+        """Each rank hashes its share of the folder's files (`_my_share`); every rank gets all the checksums (None:
+        verification is off)."""
+        if not self.cfg.verify_checkpoints:
+            return None
+        world = torch.distributed.get_world_size()
+        names = metadata.files_to_checksum(tag_dir)
+        mine = metadata.checksum_files(tag_dir, self._my_share(names))
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+        return {k: v for share in shares for k, v in share.items()}
+
+    def _verify(self, root: Path, tag: str, weights_only: bool) -> list[tuple[str, str]]:
+        """The files of `tag` that fail verification, the same list on every rank (each rank checks a share)."""
+        tag_dir = root / tag
+        try:
+            meta = metadata.read_meta(tag_dir)
+        except (OSError, ValueError) as e:
+            return [(metadata.META_NAME, str(e))]
+        checksums = meta.get("checksums")
+        if not self.cfg.verify_checkpoints or not checksums:
+            if self.cfg.verify_checkpoints:
+                self.log(f"note: {tag_dir} has no checksums (saved before they existed, or by a converter); "
+                         "loaded unverified")
+            return []
+        # Optimizer shards are not read by a weights-only load (finetune): no need to read them here either.
+        names = [n for n in sorted(checksums) if not (weights_only and n.startswith("zero_pp_rank_"))]
+        world = torch.distributed.get_world_size()
+        mine = metadata.verify_files(tag_dir, checksums, self._my_share(names))
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+        return sorted(bad for share in shares for bad in share)
+
+    def _verified_tag(self, root: Path, tag: str, explicit: bool, weights_only: bool) -> str:
+        """`tag`, or the newest checkpoint before it that verifies (with one warning per corrupt one); refused when
+        `explicit` (load_iteration names it)."""
+        bad_tags: list[str] = []
+        while True:
+            bad = self._verify(root, tag, weights_only)
+            if not bad:
+                return tag
+            name, why = bad[0]
+            more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+            if explicit:
+                raise CheckpointMismatchError(
+                    f"checkpoint file {root / tag / name} {why}{more}. load_iteration names this checkpoint, so "
+                    "nothing was loaded: load another step (load_iteration), or copy this one again if it was "
+                    f"transferred (`python tools/ckpts/inspect_checkpoint.py {root} --verify` checks them all).")
+            bad_tags.append(tag)
+            self.corrupt_tags.add(tag)
+            fallback = metadata.find_loadable_tag(root, exclude=bad_tags, warn=lambda m: None)
+            self.log(f"WARNING: checkpoint {root / tag} is corrupt: {name} {why}{more}; "
+                     + (f"falling back to {root / fallback}" if fallback else "no earlier complete checkpoint"))
+            if fallback is None:
+                raise CheckpointMismatchError(
+                    f"no checkpoint in {root} verifies (corrupt: {', '.join(bad_tags)}); nothing was loaded. "
+                    f"`python tools/ckpts/inspect_checkpoint.py {root} --verify` lists the bad files.")
+            tag = fallback
 
     def _prune(self, root: Path) -> None:
         keep = self.cfg.keep_last_n_checkpoints
@@ -150,7 +265,7 @@ class CheckpointManager:
         if not cfg.save or cfg.load_iteration is not None or (cfg.load and _same_dir(cfg.load, cfg.save)):
             return None
         root = Path(cfg.save)
-        tag = metadata.find_loadable_tag(root) if root.is_dir() else None
+        tag = metadata.find_loadable_tag(root, warn=self.log) if root.is_dir() else None
         if tag is None:
             return None
         saved_config = root / tag / "config.yml"
@@ -166,18 +281,28 @@ class CheckpointManager:
         """Restore the run's state: from its own latest save if it has one (a restart), else from `load`."""
         cfg, lay = self.cfg, self.layout
         own = self._own_latest()
+        explicit = False
         if own is not None:
             root, tag, finetune = Path(cfg.save), own, False
             self.log(f"continuing this run from its own latest save {root / tag} (load: {cfg.load} started it)")
         elif cfg.load:
             root, finetune = Path(cfg.load), cfg.finetune
             wanted = metadata.tag_for(cfg.load_iteration) if cfg.load_iteration is not None else None
-            tag = metadata.find_loadable_tag(root, wanted)
+            explicit = wanted is not None
+            try:
+                tag = metadata.find_loadable_tag(root, wanted, warn=self.log)
+            except (FileNotFoundError, ValueError) as e:
+                raise CheckpointMismatchError(f"{e}; load_iteration: {cfg.load_iteration} names it, so nothing "
+                                              "was loaded") from None
             if tag is None:
-                self.log(f"no complete checkpoint in {root}; starting from scratch")
-                return None
+                if cfg.allow_fresh_start or _same_dir(cfg.load, cfg.save):  # deepy.py refuses the other cases
+                    self.log(f"no complete checkpoint in {root}; starting from scratch")
+                    return None
+                raise CheckpointMismatchError(f"load: {root} holds no complete checkpoint; nothing was trained. "
+                                              "Fix the path, or set allow_fresh_start: true to start from scratch.")
         else:
             return None
+        tag = self._verified_tag(root, tag, explicit, finetune)
         tag_dir = root / tag
         meta = metadata.read_meta(tag_dir)
         self._check_model(meta, tag_dir)
@@ -191,7 +316,7 @@ class CheckpointManager:
                     str(root), tag=tag, load_optimizer_states=not weights_only, load_lr_scheduler_states=False,
                     load_module_only=weights_only)
             except Exception as e:  # DeepSpeed's errors rarely say which file; find it before giving up
-                raise CheckpointMismatchError(_load_failure(tag_dir, e)) from None
+                raise CheckpointMismatchError(_load_failure(tag_dir, e), all_ranks=False) from None
             if path is None:
                 raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {tag_dir}")
         else:
@@ -214,14 +339,16 @@ class CheckpointManager:
                 try:
                     rng.restore(torch.load(rng_path, weights_only=False))
                 except Exception as e:
-                    raise CheckpointMismatchError(f"{rng_path} cannot be read ({type(e).__name__}: {e}): the "
-                                                  "file is corrupt; load an earlier checkpoint") from None
+                    raise CheckpointMismatchError(
+                        f"{rng_path} cannot be read ({type(e).__name__}: {e}): the file is corrupt; load an earlier "
+                        "checkpoint", all_ranks=False) from None
             elif rng_path.exists():
                 self.log("RNG states not restored (the layout changed; streams are per rank)")
         self.log(f"loaded {tag_dir} (" + ("weights only, new run at step 0" if finetune else
                  f"step {state.iteration}, {state.consumed_samples} samples consumed"
                  + (", fresh optimizer" if weights_only else "")) + ")")
         self.last_saved = state.iteration if not finetune else None
+        self.resumed_from = state.iteration
         return state
 
     def _check_model(self, meta: dict, tag_dir: Path) -> None:

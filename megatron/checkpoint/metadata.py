@@ -10,6 +10,11 @@ A checkpoint root holds one folder per tag (`global_step{N}`) with DeepSpeed's f
 plus `neox_meta.json`, written by rank 0 only after every rank has written its files. A tag folder without it is
 incomplete (a save that was killed) and is never loaded. `latest` names the newest complete tag; it is replaced
 by an atomic rename, so a crash leaves either the old or the new pointer, never a torn one.
+
+Integrity: the marker records an xxh3-128 checksum of every other file of the folder (`checksums`, computed by the
+ranks in parallel after the files are written) and one of its own content (`meta_checksum`), so bit rot or a bad
+copy — same size, other bytes — is found before a load uses the file (`verify_files`), and a damaged marker is
+never mistaken for a good one. Checkpoints without `checksums` (older saves, converter outputs) load unverified.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
+
+import xxhash
 
 META_NAME = "neox_meta.json"
 LATEST = "latest"
@@ -92,18 +99,83 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
 
 
+# ---------------------------------------------------------------- checksums
+HASH_NAME = "xxh3_128"
+_CHUNK = 8 << 20
+
+
+def file_checksum(path: Path) -> str:
+    """xxh3-128 of a file's bytes (several GB/s per core: a small share of a save's write time)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return f"{HASH_NAME}:{h.hexdigest()}"
+
+
+def checksum_files(tag_dir: Path, names: Iterable[str]) -> dict[str, str]:
+    return {name: file_checksum(Path(tag_dir) / name) for name in names}
+
+
+def files_to_checksum(tag_dir: Path) -> list[str]:
+    """Every file of a tag folder but the marker, sorted (the same list on every rank, so ranks can split it)."""
+    return sorted(p.name for p in Path(tag_dir).iterdir() if p.is_file() and p.name != META_NAME)
+
+
+def verify_files(tag_dir: Path, checksums: dict[str, str], names: Iterable[str]) -> list[tuple[str, str]]:
+    """(file, what is wrong) for each of `names` that is missing or whose bytes differ from the recorded checksum."""
+    bad = []
+    for name in names:
+        path = Path(tag_dir) / name
+        if not path.is_file():
+            bad.append((name, "is missing"))
+            continue
+        got = file_checksum(path)
+        if got != checksums[name]:
+            bad.append((name, f"does not match its recorded checksum (its bytes changed since the save: bit rot, "
+                              f"a bad copy or an edit; {got.split(':')[-1][:12]}... != "
+                              f"{checksums[name].split(':')[-1][:12]}...)"))
+    return bad
+
+
+def _meta_digest(meta: dict) -> str:
+    body = json.dumps({k: v for k, v in meta.items() if k != "meta_checksum"}, sort_keys=True)
+    return f"{HASH_NAME}:{xxhash.xxh3_128_hexdigest(body.encode())}"
+
+
 def write_meta(tag_dir: Path, meta: dict) -> None:
+    meta = {**meta, "meta_checksum": _meta_digest(meta)}
     _atomic_write_text(Path(tag_dir) / META_NAME, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def read_meta(tag_dir: Path) -> dict:
     path = Path(tag_dir) / META_NAME
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint: {META_NAME} is missing") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is corrupt ({e}); this checkpoint cannot be trusted") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is corrupt (not a JSON object); this checkpoint cannot be trusted")
+    if "meta_checksum" in meta and meta["meta_checksum"] != _meta_digest(meta):
+        raise ValueError(f"{path} is corrupt (its content does not match its meta_checksum: edited or damaged "
+                         "since the save); this checkpoint cannot be trusted")
+    return meta
+
+
+def meta_problem(tag_dir: Path) -> Optional[str]:
+    """Why a complete tag's marker cannot be trusted, or None."""
+    try:
+        read_meta(tag_dir)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def write_latest(root: Path, tag: str) -> None:
@@ -152,29 +224,42 @@ def next_save_serial(root: Path) -> int:
     return 1 + max((save_order(root, t)[0] for t in complete_tags(root)), default=0)
 
 
-def find_loadable_tag(root: Path, tag: Optional[str] = None) -> Optional[str]:
+def find_loadable_tag(root: Path, tag: Optional[str] = None, *, exclude: Iterable[str] = (),
+                      warn: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """The tag to load: `tag` if given, else the one `latest` names, else the last complete one saved.
 
-    Incomplete folders (a save that was interrupted) are skipped with a warning, falling back to the newest complete
-    checkpoint, so a job killed while saving resumes from the previous one.
+    Incomplete folders (a save that was interrupted), folders whose marker is damaged, and the `exclude`d tags (found
+    corrupt by a load) are skipped with a warning, falling back to the newest good checkpoint, so a job killed while
+    saving resumes from the previous one. `warn` prints the warnings (one rank's logger; default: warnings.warn).
     """
     root = Path(root)
+    warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
     if tag is not None:
         if not is_complete(root / tag):
             raise FileNotFoundError(f"checkpoint {root / tag} is missing or incomplete (no {META_NAME})")
+        problem = meta_problem(root / tag)
+        if problem:
+            raise ValueError(problem)
         return tag
-    ordered = tags_in_save_order(root)
+    exclude = set(exclude)
+    damaged = {t: meta_problem(root / t) for t in complete_tags(root) if t not in exclude}
+    damaged = {t: why for t, why in damaged.items() if why}
+    ordered = [t for t in tags_in_save_order(root) if t not in exclude and t not in damaged]
     latest_path = root / LATEST
     named = latest_path.read_text().strip() if latest_path.is_file() else None
-    if named and is_complete(root / named):
+    if named in ordered:
         # A tag saved after the one `latest` names means the job died after marking that save complete but before
         # moving the pointer: take it. A higher step saved earlier (an abandoned branch) is not newer.
         chosen = ordered[-1] if save_order(root, ordered[-1]) > save_order(root, named) else named
     else:
         chosen = ordered[-1] if ordered else None
     chosen_step = -1 if chosen is None else tag_iteration(chosen)
+    instead = f"loading {chosen} instead" if chosen else "no other complete checkpoint to load"
     for p in step_dirs(root):
-        if not is_complete(p) and tag_iteration(p.name) > chosen_step:
-            warnings.warn(f"skipping incomplete checkpoint {p} (no {META_NAME}: the save was interrupted); "
-                          f"loading the newest complete one instead")
+        if tag_iteration(p.name) <= chosen_step or p.name in exclude:
+            continue
+        if not is_complete(p):
+            warn(f"skipping incomplete checkpoint {p} (no {META_NAME}: the save was interrupted); {instead}")
+        elif p.name in damaged:
+            warn(f"warning: skipping checkpoint {p}: {damaged[p.name]}; {instead}")
     return chosen

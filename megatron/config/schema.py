@@ -328,6 +328,26 @@ class LauncherArgs(_Strict):
     )
 
 
+class IntegrityArgs(_Strict):
+    """Checkpoint integrity and run safety: what deepy.py refuses before launch, and what it may overwrite."""
+
+    allow_fresh_start: bool = Field(
+        False, description="Start from random weights when `load` holds no complete checkpoint (by default such a "
+                           "`load` is refused before launch: a typo must not turn continued pretraining into "
+                           "pretraining from scratch).")
+    allow_rollback: bool = Field(
+        False, description="Let a resume from an earlier step (`load_iteration`) overwrite and prune the later "
+                           "complete checkpoints in `save` (by default refused before launch).")
+    verify_checkpoints: bool = Field(
+        True, description="Record an xxh3 checksum of every checkpoint file at save and verify the files read at "
+                          "load (a corrupt checkpoint falls back to the newest one that verifies, or is refused "
+                          "when `load_iteration` names it).")
+    run_lock_stale_seconds: float = Field(
+        300.0, gt=0, description="A run lock in `save` whose heartbeat is older than this (owner on another "
+                                 "host) is taken over; on the same host a lock whose process is gone is taken "
+                                 "over at once.")
+
+
 SECTIONS: tuple[type[_Strict], ...] = (
     ModelArgs,
     ParallelArgs,
@@ -337,11 +357,12 @@ SECTIONS: tuple[type[_Strict], ...] = (
     CheckpointArgs,
     LoggingArgs,
     LauncherArgs,
+    IntegrityArgs,
 )
 
 
-class NeoXConfig(LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, KernelArgs, ParallelArgs,
-                 ModelArgs):
+class NeoXConfig(IntegrityArgs, LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, KernelArgs,
+                 ParallelArgs, ModelArgs):
     """The whole validated config. Read-only by convention: derived values are properties, not mutations."""
 
     # ---- derived values (computed once, in one place) ----

@@ -89,6 +89,30 @@ def write_index_file(
         f.write(np.asarray(document_indices, dtype=np.int64).tobytes())
 
 
+def _remove_stale_tmp_files(prefix: str) -> None:
+    """Delete PREFIX.bin/.idx temporary files left by a writer that was killed (its pid is gone): a rerun would
+    otherwise leave a large orphan beside the dataset for each interruption."""
+    for final in (bin_path(prefix), idx_path(prefix)):
+        directory, base = os.path.split(os.path.abspath(final))
+        for name in os.listdir(directory):
+            pid = name[len(base) + 5:] if name.startswith(base + ".tmp-") else ""
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                try:
+                    os.remove(os.path.join(directory, name))
+                except OSError:
+                    pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class IndexedDatasetWriter:
     """Streams tokens to PREFIX.bin and writes PREFIX.idx on `finalize()`.
 
@@ -105,6 +129,7 @@ class IndexedDatasetWriter:
         self._limits = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
         directory = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(directory, exist_ok=True)
+        _remove_stale_tmp_files(prefix)
         suffix = f".tmp-{os.getpid()}"
         self._tmp_bin = bin_path(prefix) + suffix
         self._tmp_idx = idx_path(prefix) + suffix
@@ -229,6 +254,11 @@ class IndexedDataset:
             raise CorruptDatasetError(f"{path}: unsupported index version {version} (expected {VERSION})")
         if code not in DTYPE_CODES:
             raise CorruptDatasetError(f"{path}: unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
+        if np.dtype(DTYPE_CODES[code]).kind not in "iu":
+            # Token ids are integers: a float code is a corrupt header or another tool's file; read as tokens
+            # it would train on garbage (every value cast to an id).
+            raise CorruptDatasetError(f"{path}: dtype code {code} means {np.dtype(DTYPE_CODES[code])}, not an "
+                                      "integer token type; re-run tools/datasets/preprocess_data.py on the source")
         expected = _HEADER.size + 12 * n + 8 * d
         if size != expected:
             raise CorruptDatasetError(

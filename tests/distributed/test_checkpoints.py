@@ -293,8 +293,10 @@ def test_finetune_override_lr_scheduler_and_exit_interval(tmp_path, data, small_
 
     from megatron.checkpoint.manager import CheckpointManager, CheckpointMismatchError
 
-    other = SimpleNamespace(cfg=SimpleNamespace(save=str(tmp_path / "sft" / "ckpt"), load=None, load_iteration=None))
+    other = SimpleNamespace(cfg=SimpleNamespace(save=str(tmp_path / "sft" / "ckpt"), load=None, load_iteration=None),
+                            log=print)
     with pytest.raises(CheckpointMismatchError, match="holds checkpoints of another run .*started from load: "):
         CheckpointManager._own_latest(other)
-    same = SimpleNamespace(cfg=SimpleNamespace(save=str(tmp_path / "sft" / "ckpt"), load=ckpt, load_iteration=None))
+    same = SimpleNamespace(cfg=SimpleNamespace(save=str(tmp_path / "sft" / "ckpt"), load=ckpt, load_iteration=None),
+                           log=print)
     assert CheckpointManager._own_latest(same) == "global_step4"

@@ -6,9 +6,12 @@ its config differs from a YAML you are about to resume with.
     python tools/ckpts/inspect_checkpoint.py runs/astro/checkpoints --iteration 4000 \\
         --config configs/llama3.1-70b.yml configs/astrosage70b_cpt.yml
     python tools/ckpts/inspect_checkpoint.py runs/astro/checkpoints/global_step4000 --json
+    python tools/ckpts/inspect_checkpoint.py runs/astro/checkpoints --verify
 
-Reads only the small metadata files (neox_meta.json, config.yml, file sizes), never the tensors.
-Exit status: 0, or 2 when the folder holds no complete checkpoint or the config does not load.
+Reads only the small metadata files (neox_meta.json, config.yml, file sizes), never the tensors; `--verify` also
+reads every file of the step once to check it against the checksum recorded at save (bit rot, a bad copy).
+Exit status: 0, or 2 when the folder holds no complete checkpoint, the config does not load, or --verify finds a
+missing or corrupt file.
 """
 
 from __future__ import annotations
@@ -58,7 +61,14 @@ def inspect(path: Path, iteration: int | None) -> dict:
         tag = metadata.find_loadable_tag(root, metadata.tag_for(iteration) if iteration is not None else None)
     steps = []
     for p in metadata.step_dirs(root):
-        steps.append({"tag": p.name, "complete": metadata.is_complete(p), "bytes": _size(p)})
+        step = {"tag": p.name, "complete": metadata.is_complete(p), "bytes": _size(p)}
+        if step["complete"]:  # cheap checks (no file is read): a damaged marker, files listed but absent
+            problem = metadata.meta_problem(p)
+            listed = {} if problem else (metadata.read_meta(p).get("checksums") or {})
+            missing = sorted(n for n in listed if not (p / n).is_file())
+            if problem or missing:
+                step["damaged"] = problem or f"missing: {', '.join(missing)}"
+        steps.append(step)
     latest = (root / metadata.LATEST).read_text().strip() if (root / metadata.LATEST).is_file() else None
     report = {"root": str(root), "latest": latest, "steps": steps, "tag": tag}
     if tag is not None:
@@ -68,10 +78,22 @@ def inspect(path: Path, iteration: int | None) -> dict:
     return report
 
 
+def verify(tag_dir: Path) -> tuple[list[tuple[str, str]], int]:
+    """(bad files with what is wrong, number of files checked) for one complete step folder."""
+    try:
+        meta = metadata.read_meta(tag_dir)
+    except (OSError, ValueError) as e:
+        return [(metadata.META_NAME, str(e))], 1
+    checksums = meta.get("checksums") or {}
+    return metadata.verify_files(tag_dir, checksums, sorted(checksums)), len(checksums)
+
+
 def _print(report: dict, diff: list | None) -> None:
     print(f"checkpoint root: {report['root']}   latest -> {report['latest']}")
     for s in report["steps"]:
         state = "complete" if s["complete"] else "INCOMPLETE (interrupted save; never loaded)"
+        if s.get("damaged"):
+            state = f"DAMAGED ({s['damaged']}; a resume skips it)"
         print(f"  {s['tag']:<20} {s['bytes'] / 2**20:10.1f} MiB  {state}")
     if report["tag"] is None:
         return
@@ -108,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iteration", type=int, default=None, help="which step (default: the one a resume would load)")
     ap.add_argument("--config", nargs="+", default=None, help="YAML file(s), merged as deepy.py does, to diff against")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--verify", action="store_true",
+                    help="read every file of the step and check it against the checksums recorded at save")
     args = ap.parse_args(argv)
     path = Path(args.path)
     if not path.is_dir():
         print(f"error: {path} is not a directory", file=sys.stderr)
         return 2
+    if args.verify:
+        return _verify_main(path, args.iteration)
     try:
         report = inspect(path, args.iteration)
     except (FileNotFoundError, ValueError) as e:
@@ -134,6 +160,36 @@ def main(argv: list[str] | None = None) -> int:
         _print(report, diff)
     if report["tag"] is None:
         print(f"error: no complete checkpoint in {path}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _verify_main(path: Path, iteration: int | None) -> int:
+    """--verify: the step named (a step folder, or --iteration), else every complete step of the root, newest
+    first, as a resume would try them."""
+    if metadata.tag_iteration(path.name) is not None:
+        root, tags = path.parent, [path.name]
+    elif iteration is not None:
+        root, tags = path, [metadata.tag_for(iteration)]
+    else:
+        root, tags = path, list(reversed(metadata.tags_in_save_order(path)))
+    tags = [t for t in tags if metadata.is_complete(root / t)]
+    if not tags:
+        print(f"error: no complete checkpoint in {path}", file=sys.stderr)
+        return 2
+    failed = 0
+    for tag in tags:
+        bad, checked = verify(root / tag)
+        if not bad and not checked:
+            print(f"{root / tag}: no checksums recorded (saved before they existed, or by a converter): not verified")
+        elif not bad:
+            print(f"{root / tag}: OK ({checked} files match their checksums)")
+        else:
+            failed += 1
+            for name, why in bad:
+                print(f"{root / tag / name}: {why}")
+    if failed:
+        print(f"error: {failed} of {len(tags)} checkpoint(s) failed verification", file=sys.stderr)
         return 2
     return 0
 
