@@ -134,3 +134,244 @@ def test_fused_gradient_accumulation_goes_into_main_grad(single_rank):
         plain.weight.grad = None
     assert col.weight.grad is None
     torch.testing.assert_close(col.weight.main_grad, 0.25 + total, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------- one training step at TP 2 x PP 2 through deepy.py
+STEPS, MICRO, ACCUM = 3, 2, 2
+MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2, "intermediate_size": 128,
+         "seq_length": 32, "vocab_size": VOCAB, "make_vocab_size_divisible_by": 64}
+
+
+def _launch(tmp: Path, name: str, data_prefix: str, **extra) -> Path:
+    base = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yml").read_text())
+    out = tmp / name
+    cfg = {**base, **MODEL, "model_parallel_size": 2, "pipe_parallel_size": 2, "num_gpus": 4,
+           "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM, "train_iters": STEPS,
+           "log_interval": 1, "eval_iters": 0, "eval_interval": 1000, "data_path": data_prefix, "split": "100,0,0",
+           "optimizer": {"type": "Adam", "params": {"lr": 1.0e-3, "eps": 1.0e-6}}, "warmup": 0.0, "min_lr": 1.0e-4,
+           "weight_decay": 0.01, "gradient_clipping": 1.0e6, "checkpoint_factor": 1, "save": str(out / "ckpt"),
+           "run_dir": str(out / "run"), "use_wandb": False, "tensorboard_dir": None,
+           "master_port": 29000 + os.getpid() % 400 + len(name), "fp8": {"recipe": "tensorwise", "emulate": True},
+           "checkpoint_activations": True, **extra}
+    path = tmp / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 4 ranks on 2 cores
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return out
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "train/loss" in r}
+
+
+def _weights(out: Path, step: int, cfg) -> dict[str, torch.Tensor]:
+    from megatron.checkpoint.hf_keys import pipe_to_hf_state
+
+    shards: list[dict] = [{}, {}]
+    for idx in range(cfg.num_layers + 3):
+        for rank in range(2):
+            state = torch.load(out / "ckpt" / f"global_step{step}" / f"layer_{idx:02d}-model_{rank:02d}-model_states.pt",
+                               map_location="cpu")
+            shards[rank].update({f"{idx}.{k}": v for k, v in state.items()})
+    return pipe_to_hf_state(shards, cfg, range(cfg.num_layers + 3))
+
+
+@pytest.fixture(scope="module")
+def fp8_runs(tmp_path_factory):
+    """One fp8 run of STEPS steps at TP 2 x PP 2 (full activation checkpointing on), saving every step, and the same
+    run resumed from its step-1 checkpoint: 2 launches of 4 ranks, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("fp8")
+    prefix = str(tmp / "synthetic_text_document")
+    synthetic_corpus(prefix)
+    straight = _launch(tmp, "straight", prefix)
+    resumed = _launch(tmp, "resumed", prefix, load=str(straight / "ckpt"), load_iteration=1)
+    return prefix, straight, resumed
+
+
+def _reference_model(hf_llama_state: dict, model_cfg, recipe: str):
+    """Single-process torchao reference: Hugging Face's Phi-3 modeling (Llama's maths with fused qkv and gate/up
+    linears, the layout of our column-parallel weights), Llama-3.1's RoPE, every decoder linear swapped for
+    torchao's Float8Linear by torchao's own `convert_to_float8_training`; lm_head stays high precision."""
+    import transformers
+    from torchao.float8 import convert_to_float8_training
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    common = dict(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
+                  intermediate_size=model_cfg.intermediate_size, num_hidden_layers=model_cfg.num_layers,
+                  num_attention_heads=model_cfg.num_attention_heads, num_key_value_heads=model_cfg.num_kv_heads,
+                  max_position_embeddings=model_cfg.max_position_embeddings, rope_theta=model_cfg.rope_theta,
+                  rms_norm_eps=model_cfg.rms_norm_epsilon, tie_word_embeddings=False)
+    llama_cfg = transformers.LlamaConfig(**common, rope_scaling=dict(model_cfg.rope_scaling))
+    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, hidden_act="silu", pad_token_id=None,
+                                                                 bos_token_id=1, eos_token_id=2))
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=llama_cfg)  # Phi-3's config refuses llama3 scaling
+    state = {}
+    for k, v in hf_llama_state.items():
+        if ".q_proj." in k:
+            state[k.replace("q_proj", "qkv_proj")] = torch.cat(
+                [v, hf_llama_state[k.replace("q_proj", "k_proj")], hf_llama_state[k.replace("q_proj", "v_proj")]])
+        elif ".gate_proj." in k:
+            state[k.replace("gate_proj", "gate_up_proj")] = torch.cat([v, hf_llama_state[k.replace("gate", "up")]])
+        elif not any(p in k for p in (".k_proj.", ".v_proj.", ".up_proj.")):
+            state[k] = v
+    model.load_state_dict({k: v.float().clone() for k, v in state.items()}, strict=True)
+    config = fp8.float8_config(recipe, True)
+    convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: fqn != "lm_head")
+    return model
+
+
+@pytest.mark.distributed
+def test_tp2_pp2_step_matches_torchao_float8linear_on_the_gathered_weights(fp8_runs, single_rank):
+    """Step 1 (loss, gradient norm, updated weights) and step 2's loss of the TP 2 x PP 2 run equal those of the
+    single-process torchao Float8Linear model started from the same weights, on the same batches, to 1e-5."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from megatron.config import load_config
+    from megatron.checkpoint.hf_keys import pipe_to_hf_state
+    from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader
+    from megatron.model.config import LlamaConfig
+    from megatron.model.llama import build_model
+    from megatron.optim import lr_at, param_groups
+    from megatron.trainer import _lm_batches
+
+    prefix, straight, _ = fp8_runs
+    cfg = load_config([str(straight.parent / "straight.yml")], available_devices=None).config
+    model_cfg = LlamaConfig.from_neox(cfg, VOCAB, torch.float32)
+    # The weights the run started from: the model's init is seeded per layer and layout-independent, so a
+    # one-rank build without fp8 gives them.
+    init = build_model(LlamaConfig(**{**model_cfg.__dict__, "fp8_recipe": None}), single_rank)
+    start = pipe_to_hf_state([init.state_dict()], model_cfg, range(model_cfg.num_layers + 3))
+    ref = _reference_model(start, model_cfg, "tensorwise")
+    converted = sorted(n for n, m in ref.named_modules() if isinstance(m, Float8Linear))
+    assert len(converted) == 4 * model_cfg.num_layers and "lm_head" not in converted
+
+    # The batches of steps 1 and 2, as the trainer draws them (DP 1).
+    train, _, _ = build_train_valid_test_datasets(
+        data_path=prefix, split="100,0,0", seq_length=cfg.seq_length, seed=cfg.seed,
+        train_num_samples=STEPS * MICRO * ACCUM, valid_num_samples=MICRO * ACCUM, test_num_samples=0,
+        train_data_paths=None, train_data_weights=None, valid_data_paths=None, valid_data_weights=None,
+        test_data_paths=None, test_data_weights=None, train_label_data_paths=None, valid_label_data_paths=None,
+        test_label_data_paths=None, cache_dir=cfg.data_cache_dir)
+    batches = _lm_batches(make_data_loader(train, MICRO, 0, 1, 0, 0))
+
+    def step_loss(backward: bool) -> float:
+        total = 0.0
+        for _ in range(ACCUM):
+            inputs, labels = next(batches)
+            logits = ref(inputs).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+            if backward:
+                (loss / ACCUM).backward()
+            total += loss.item() / ACCUM
+        return total
+
+    optimizer = torch.optim.AdamW(param_groups(ref, cfg.weight_decay), lr=lr_at(0, cfg), betas=cfg.optimizer.params.betas,
+                                  eps=cfg.optimizer.params.eps)
+    loss1 = step_loss(backward=True)
+    grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ref.parameters())).item()
+    optimizer.step()
+    with torch.no_grad():
+        loss2 = step_loss(backward=False)
+
+    logged = _metrics(straight)
+    assert logged[1]["train/loss"] == pytest.approx(loss1, abs=1e-5)
+    assert logged[1]["train/grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+    assert logged[2]["train/loss"] == pytest.approx(loss2, abs=1e-5)
+    after = _weights(straight, 1, model_cfg)
+    ours = {n: p.detach() for n, p in ref.named_parameters()}
+    for name, ref_w in ours.items():
+        if ".qkv_proj." in name:
+            w = torch.cat([after[name.replace("qkv_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+        elif ".gate_up_proj." in name:
+            w = torch.cat([after[name.replace("gate_up_proj", p)] for p in ("gate_proj", "up_proj")])
+        else:
+            w = after[name]
+        torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-5, msg=name)
+    # ... and not the fp32 run's: with FP8 off the same step's loss differs by more than the tolerance.
+    hp = _reference_model(start, model_cfg, "tensorwise")
+    for module in hp.modules():  # undo the swap: the plain fp32 matmul on the same weights
+        if isinstance(module, Float8Linear):
+            module.forward = lambda x, m=module: torch.nn.functional.linear(x, m.weight, m.bias)
+    batches = _lm_batches(make_data_loader(train, MICRO, 0, 1, 0, 0))
+    ref = hp
+    with torch.no_grad():
+        assert abs(step_loss(backward=False) - loss1) > 1e-4
+
+
+@pytest.mark.distributed
+def test_fp8_resume_is_exact(fp8_runs, single_rank):
+    _, straight, resumed = fp8_runs
+    a, b = _metrics(straight), _metrics(resumed)
+    assert sorted(b) == [2, 3]
+    for step in (2, 3):
+        assert b[step]["train/loss"] == a[step]["train/loss"]
+        assert b[step]["train/grad_norm"] == a[step]["train/grad_norm"]
+    cfg = LlamaConfigForTests()
+    wa, wb = _weights(straight, STEPS, cfg), _weights(resumed, STEPS, cfg)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def LlamaConfigForTests():
+    from megatron.model.config import LlamaConfig
+
+    return LlamaConfig(num_layers=MODEL["num_layers"], hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+                       intermediate_size=128, vocab_size=VOCAB, padded_vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_fp8_layer_under_activation_checkpointing_matches_no_checkpointing(single_rank, granularity):
+    """A transformer layer in FP8 checkpointed (full, or selective: the FP8 GEMMs' outputs kept, the casts and
+    pointwise ops replayed) gives the un-checkpointed FP8 layer's output and gradients exactly."""
+    from megatron.model import recompute
+    from megatron.model.config import LlamaConfig
+    from megatron.model.layers import TransformerLayer
+
+    cfg = LlamaConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_kv_heads=2, intermediate_size=128,
+                      vocab_size=256, padded_vocab_size=256, fp8_recipe="tensorwise", fp8_emulate=True)
+    layer = TransformerLayer(cfg, 0)
+    assert all(fp8.is_converted(layer.get_submodule(n)) for n in fp8.CONVERTED)
+    x = torch.randn(2, 32, 64)
+    g = torch.randn(2, 32, 64)
+    results = []
+    checkpoint = recompute.checkpoint_selective if granularity == "selective" else recompute.checkpoint_full
+    for run in (lambda xi: layer(xi), lambda xi: checkpoint(layer, xi)):
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = run(xi)
+        y.backward(g)
+        results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_only_the_transformer_layers_linears_are_converted(single_rank):
+    """In a built model (one rank) the four linear layers of every transformer layer run FP8; the embedding, the
+    output layer (logits) and the norms keep the high-precision path (megatron-core's own _forward_impl)."""
+    from megatron.core import tensor_parallel
+
+    from megatron.model.config import LlamaConfig
+    from megatron.model.llama import build_model
+
+    cfg = LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2, intermediate_size=128,
+                      vocab_size=256, padded_vocab_size=256, fp8_recipe="rowwise", fp8_emulate=True)
+    model = build_model(cfg, single_rank)
+    converted = sorted(n for n, m in model.named_modules() if fp8.is_converted(m))
+    assert converted == sorted(f"{i}.{n}" for i in (1, 2) for n in fp8.CONVERTED)
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear))]
+    high_precision = sorted(set(linears) - set(converted))
+    assert high_precision == ["4.linear"]  # the output layer
+    assert "_forward_impl" not in vars(model.get_submodule("4.linear"))
+    assert not fp8.is_converted(model.get_submodule("0.word_embeddings"))
+    # Same parameters and state-dict keys as a bf16/fp32 model: checkpoints load either way.
+    plain = build_model(LlamaConfig(**{**cfg.__dict__, "fp8_recipe": None}), single_rank)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        if a is not None:
+            assert torch.equal(a, b), name
+    plain.load_state_dict(model.state_dict())
+    model.load_state_dict(plain.state_dict())

@@ -48,10 +48,22 @@ INSTALL_HINT = "pip install -r requirements/fp8.txt (torchao)"
 
 
 def available() -> bool:
+    import logging
+
+    # torchao's import tries its CUDA extensions and logs a warning per .so it cannot load (all of them on a
+    # CPU-only torch); the float8 training path is pure Python on torch._scaled_mm and needs none of them. It also
+    # registers its enums with torch's pytree, which torch 2.13 deprecates with a warning: noise to a user.
+    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
         return False
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
     return True
 
 
@@ -182,7 +194,7 @@ def _fp8_linear(layer, input, weight, bias=None, gradient_accumulation_fusion=Fa
 def convert_layer(module: torch.nn.Module, recipe: str, emulate: bool) -> list[str]:
     """Run the GEMMs of every megatron-core linear layer inside `module` (one transformer layer) in FP8. Returns
     the converted layers' names."""
-    problem = hardware_problem(emulate)
+    problem = hardware_problem(emulate)  # imports torchao quietly (available())
     if problem:
         raise RuntimeError(f"fp8: {problem}; set fp8.emulate: true to emulate it (slow, for tests) or remove fp8")
     config = float8_config(recipe, emulate)
