@@ -333,8 +333,9 @@ def check_cross_field(cfg: "NeoXConfig", available_devices: Optional[int] = None
 
 
 def _fp8(cfg: "NeoXConfig", world_size: Optional[int]) -> list[ConfigIssue]:
-    """FP8 (megatron/model/fp8.py): torch._scaled_mm needs every GEMM dimension divisible by 16; the library and the
-    GPU are checked where the ranks run (the workers know `world_size`), or here when this machine has no CUDA."""
+    """FP8 (megatron/model/fp8.py): torch._scaled_mm needs every GEMM dimension divisible by 16. The library and the
+    GPU are checked where the ranks run (the workers know `world_size`): deepy.py and the planner may run on a
+    machine without the GPU the config is meant for."""
     if cfg.fp8 is None:
         return []
     from megatron.model import fp8
@@ -349,9 +350,7 @@ def _fp8(cfg: "NeoXConfig", world_size: Optional[int]) -> list[ConfigIssue]:
                                       + ", ".join(f"{k} = {v}" for k, v in bad.items()) + " is not",
                                       "choose sizes (and model_parallel_size) that make them multiples of 16, or "
                                       "remove fp8"))
-    import torch
-
-    if world_size is not None or not torch.cuda.is_available():
+    if world_size is not None:  # in the workers: this is the device that would run it (not a planning machine)
         problem = fp8.hardware_problem(cfg.fp8.emulate)
         if problem:
             fix = "pip install -r requirements/fp8.txt" if not fp8.available() else \
