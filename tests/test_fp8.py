@@ -380,3 +380,54 @@ def test_only_the_transformer_layers_linears_are_converted(single_rank):
             assert torch.equal(a, b), name
     plain.load_state_dict(model.state_dict())
     model.load_state_dict(plain.state_dict())
+
+
+@pytest.mark.distributed
+def test_fp8_checkpoint_exports_bf16_weights_to_hugging_face(fp8_runs, tmp_path):
+    """FP8 leaves no trace in a checkpoint (dynamic scaling keeps no state): the exporter writes the trained
+    weights in bf16, and Hugging Face's LlamaForCausalLM loads them."""
+    import importlib.util
+
+    import transformers
+
+    _, straight, _ = fp8_runs
+    spec = importlib.util.spec_from_file_location("cli", ROOT / "tools" / "ckpts" / "convert_neox_to_hf.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "hf"
+    argv = ["convert_neox_to_hf.py", "--input-dir", str(straight / "ckpt"), "--output-dir", str(out),
+            "--dtype", "bf16"]
+    old, sys.argv = sys.argv, argv
+    try:
+        cli.main()
+    finally:
+        sys.argv = old
+    model = transformers.LlamaForCausalLM.from_pretrained(str(out))
+    assert model.dtype == torch.bfloat16
+    trained = _weights(straight, STEPS, LlamaConfigForTests())
+    state = model.state_dict()
+    for name, w in trained.items():
+        assert torch.equal(state[name], w.to(torch.bfloat16)), name
+
+
+def test_planner_prices_fp8_as_a_labelled_prediction():
+    """megatron/planning.py: FP8 shortens only the transformer layers' GEMM time (tensorwise more than rowwise),
+    adds its one-byte working copies to the memory, and says both are predictions."""
+    from megatron import planning
+
+    raw = yaml.safe_load((ROOT / "configs" / "llama3.1-8b.yml").read_text())
+    raw.update({"train_iters": 10, "data_path": "x", "precision": "bf16", "num_gpus": 8, "model_parallel_size": 2,
+                "seq_length": 8192, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 8})
+    plans = {}
+    for recipe in (None, "tensorwise", "rowwise"):
+        cfg = planning.config_from_keys({**raw, "fp8": {"recipe": recipe} if recipe else None})
+        plans[recipe] = planning.make_plan(cfg, 8)
+    bf16, tw, rw = plans[None], plans["tensorwise"], plans["rowwise"]
+    assert bf16.fp8_time_factor == 1.0 and not any("fp8" in n for n in bf16.notes)
+    assert 0.5 < tw.fp8_time_factor < rw.fp8_time_factor < 1.0
+    assert tw.step_seconds == pytest.approx(bf16.step_seconds * tw.fp8_time_factor)
+    shape = bf16.shape
+    layer_share = 6 * shape.layers * (shape.attn_params() + shape.mlp_params()) / planning.flops_per_token(shape)
+    assert tw.fp8_time_factor == pytest.approx(1 - planning.FP8_MATMUL_SHARE * layer_share * (1 - 1 / 1.6))
+    assert tw.peak_gib >= bf16.peak_gib and tw.params == bf16.params
+    assert any("PREDICTIONS" in n and "fp8 tensorwise" in n for n in tw.notes)
