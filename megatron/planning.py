@@ -744,9 +744,10 @@ def make_plan(cfg: NeoXConfig, gpus: Optional[int] = None, gpu: str = DEFAULT_GP
         plan.notes.append("reset_attention_mask: the document-masked attention's memory is modelled as plain causal "
                           "attention (flash/cuDNN); a kernel that builds a dense mask would add seq x seq terms")
     if precision.fp8:
-        plan.notes.append(f"fp8 {precision.fp8}: compute time x{plan.fp8_time_factor:.2f} and "
-                          f"{fp8_working_bytes(shape, layout.tp, layout.micro) / GIB:.2f} GiB of FP8 working copies are "
-                          "PREDICTIONS (planning.fp8_time_factor), not yet measured on a GPU (docs/fp8.md)")
+        extra = fp8_working_bytes(shape, layout.tp, layout.micro) / GIB
+        plan.notes.append(f"fp8 {precision.fp8}: compute time x{plan.fp8_time_factor:.2f} and {extra:.2f} GiB of "
+                          "FP8 working copies are PREDICTIONS (planning.fp8_time_factor), not yet measured on a GPU "
+                          "(docs/fp8.md)")
     if cfg.vocab_size is None:
         plan.notes.append(f"vocab_size not set: assumed the Llama-3 tokenizer's {LLAMA3_VOCAB:,}")
     if not validated:

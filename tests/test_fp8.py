@@ -48,7 +48,7 @@ def test_fp8_keys_are_validated():
     # torch._scaled_mm needs every per-rank GEMM size divisible by 16: intermediate 200 / TP 2 = 100 is not.
     with pytest.raises(ConfigError) as e:
         build_config(_tiny_raw(intermediate_size=200, model_parallel_size=2, num_gpus=2))
-    assert e.value.keys() == ["fp8"] and "intermediate_size per TP rank = 100" in str(e.value)
+    assert e.value.keys() == ["fp8,model_parallel_size"] and "intermediate_size per TP rank = 100" in str(e.value)
     with pytest.raises(ConfigError) as e:  # micro batch 1 x seq 40 tokens: the weight-gradient GEMM's K
         build_config(_tiny_raw(seq_length=40, train_micro_batch_size_per_gpu=1))
     assert "tokens per micro-batch (micro batch x seq_length) = 40" in str(e.value)
@@ -56,18 +56,26 @@ def test_fp8_keys_are_validated():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without an FP8 GPU")
 def test_fp8_without_emulation_is_refused_by_the_ranks_on_cpu(tmp_path):
-    """deepy.py (and the planner) may run elsewhere than the GPUs, so the ranks check their device: exit 2, the
-    key and the fix, no traceback, before any training."""
+    """deepy.py (and the planner) may run elsewhere than the GPUs, so the ranks check their device: deepy.py
+    accepts the config and writes the resolved one (--dry-run here, to spare CI a launcher), and the worker entry
+    point started on it as the launcher starts a rank refuses it: exit 2, the key and the fix, no traceback."""
     path = tmp_path / "fp8.yml"
+    run = tmp_path / "run"
     path.write_text(yaml.safe_dump(_tiny_raw(fp8={"recipe": "rowwise"}, data_path=str(tmp_path / "none"),
-                                             train_data_paths=None, run_dir=str(tmp_path / "run"), use_wandb=False)))
-    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                                             train_data_paths=None, run_dir=str(run), use_wandb=False)))
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "--dry-run", "train.py", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29555", "PYTHONPATH": str(ROOT)}
+    worker = [sys.executable, str(ROOT / "train.py"), "--local_rank=0", "--config", str(run / "config.yml"),
+              "--run-dir", str(run)]
+    proc = subprocess.run(worker, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "fp8.emulate = False: no CUDA GPU: FP8 matmuls need an NVIDIA Hopper or Ada GPU" in out
     assert "fix: run on a Hopper/Ada GPU, set fp8.emulate: true" in out
-    assert "Traceback" not in out and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert "Traceback" not in out and not (run / "metrics.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------- one layer against torchao
@@ -178,8 +186,8 @@ def _weights(out: Path, step: int, cfg) -> dict[str, torch.Tensor]:
     shards: list[dict] = [{}, {}]
     for idx in range(cfg.num_layers + 3):
         for rank in range(2):
-            state = torch.load(out / "ckpt" / f"global_step{step}" / f"layer_{idx:02d}-model_{rank:02d}-model_states.pt",
-                               map_location="cpu")
+            name = f"layer_{idx:02d}-model_{rank:02d}-model_states.pt"
+            state = torch.load(out / "ckpt" / f"global_step{step}" / name, map_location="cpu")
             shards[rank].update({f"{idx}.{k}": v for k, v in state.items()})
     return pipe_to_hf_state(shards, cfg, range(cfg.num_layers + 3))
 
@@ -273,8 +281,8 @@ def test_tp2_pp2_step_matches_torchao_float8linear_on_the_gathered_weights(fp8_r
             total += loss.item() / ACCUM
         return total
 
-    optimizer = torch.optim.AdamW(param_groups(ref, cfg.weight_decay), lr=lr_at(0, cfg), betas=cfg.optimizer.params.betas,
-                                  eps=cfg.optimizer.params.eps)
+    optimizer = torch.optim.AdamW(param_groups(ref, cfg.weight_decay), lr=lr_at(0, cfg),
+                                  betas=cfg.optimizer.params.betas, eps=cfg.optimizer.params.eps)
     loss1 = step_loss(backward=True)
     grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ref.parameters())).item()
     optimizer.step()

@@ -346,7 +346,10 @@ def _fp8(cfg: "NeoXConfig", world_size: Optional[int]) -> list[ConfigIssue]:
                              cfg.tp, cfg.train_micro_batch_size_per_gpu * cfg.seq_length)
         bad = {name: n for name, n in dims.items() if n % 16}
         if bad:
-            issues.append(ConfigIssue("fp8", "FP8 GEMMs need every dimension divisible by 16, but "
+            # Named with model_parallel_size when a per-rank size is the problem: the planner's layout search
+            # (planning.layout_problems) then skips TP sizes that FP8 cannot run at.
+            key = "fp8,model_parallel_size" if any("TP rank" in name for name in bad) else "fp8"
+            issues.append(ConfigIssue(key, "FP8 GEMMs need every dimension divisible by 16, but "
                                       + ", ".join(f"{k} = {v}" for k, v in bad.items()) + " is not",
                                       "choose sizes (and model_parallel_size) that make them multiples of 16, or "
                                       "remove fp8"))

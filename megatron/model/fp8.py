@@ -38,7 +38,6 @@ import functools
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
 
 # The linear layers of a transformer layer that run in FP8; every other linear layer (the output layer) and the
 # embedding keep megatron-core's high-precision GEMM (tests/test_fp8.py checks both lists on a built model).
@@ -77,7 +76,8 @@ def hardware_problem(emulate: bool) -> Optional[str]:
         return "no CUDA GPU: FP8 matmuls need an NVIDIA Hopper or Ada GPU"
     cap = torch.cuda.get_device_capability()
     if cap < (8, 9):
-        return f"{torch.cuda.get_device_name()} (sm{cap[0]}{cap[1]}) has no FP8 tensor cores: Hopper (sm90) or Ada (sm89)"
+        return (f"{torch.cuda.get_device_name()} (sm{cap[0]}{cap[1]}) has no FP8 tensor cores: Hopper (sm90) or "
+                "Ada (sm89)")
     return None
 
 
@@ -162,6 +162,7 @@ def _fp8_linear(layer, input, weight, bias=None, gradient_accumulation_fusion=Fa
                 sequence_parallel=False, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, **_):
     """Stands in for megatron-core's `_forward_impl` (same arguments): the local GEMM of a column- or
     row-parallel layer, in FP8 through torchao."""
+    from megatron.core import tensor_parallel
     from torchao.float8.config import ScalingGranularity
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
     from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
@@ -194,6 +195,8 @@ def _fp8_linear(layer, input, weight, bias=None, gradient_accumulation_fusion=Fa
 def convert_layer(module: torch.nn.Module, recipe: str, emulate: bool) -> list[str]:
     """Run the GEMMs of every megatron-core linear layer inside `module` (one transformer layer) in FP8. Returns
     the converted layers' names."""
+    from megatron.core import tensor_parallel  # here: deepy.py's config checks import this module without it
+
     problem = hardware_problem(emulate)  # imports torchao quietly (available())
     if problem:
         raise RuntimeError(f"fp8: {problem}; set fp8.emulate: true to emulate it (slow, for tests) or remove fp8")
