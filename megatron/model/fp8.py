@@ -186,15 +186,32 @@ def _fp8_linear(layer, input, weight, bias=None, gradient_accumulation_fusion=Fa
         weight_t = cast(weight_t, config.cast_config_weight.target_dtype, gemm_input_role=GemmInputRole.WEIGHT)
         if not column:
             input = cast(input, config.cast_config_input.target_dtype, gemm_input_role=GemmInputRole.INPUT)
-    out = matmul_with_hp_or_float8_args.apply(input, weight_t, mm_config, config)
+    # The casts (amax, scale, cast, transposed copies) are memory-bound passes over each operand: compiled with the
+    # GEMM (fuse_pointwise, on CUDA) they fuse, as torchao's own benchmarks run it. The TP-reduced casts above stay
+    # eager (their all-reduce is a collective inside the cast).
+    gemm = matmul_with_hp_or_float8_args.apply if sharded_tp or not layer.fp8_compile else _compiled_fp8_mm()
+    out = gemm(input, weight_t, mm_config, config)
     if sharded_tp and column:
         out = _GradToFloat8Reduced.apply(out, mm_config, config, mesh)
     return out + bias if bias is not None else out
 
 
-def convert_layer(module: torch.nn.Module, recipe: str, emulate: bool) -> list[str]:
+def _fp8_mm(input, weight_t, mm_config, config):
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+    return matmul_with_hp_or_float8_args.apply(input, weight_t, mm_config, config)
+
+
+def _compiled_fp8_mm():
+    from megatron.model import kernels
+
+    return kernels.fused(_fp8_mm, True)
+
+
+def convert_layer(module: torch.nn.Module, recipe: str, emulate: bool, compile: bool = False) -> list[str]:
     """Run the GEMMs of every megatron-core linear layer inside `module` (one transformer layer) in FP8. Returns
-    the converted layers' names."""
+    the converted layers' names. `compile` (the model's fuse_pointwise): torch.compile each GEMM with its casts
+    on CUDA (kernels.fused; on CPU the same function runs eagerly)."""
     from megatron.core import tensor_parallel  # here: deepy.py's config checks import this module without it
 
     problem = hardware_problem(emulate)  # imports torchao quietly (available())
@@ -204,10 +221,18 @@ def convert_layer(module: torch.nn.Module, recipe: str, emulate: bool) -> list[s
     converted = []
     for name, layer in module.named_modules():
         if isinstance(layer, (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)):
-            layer.fp8_config, layer.fp8_mm_config = config, _mm_config(config)
+            layer.fp8_config, layer.fp8_mm_config, layer.fp8_compile = config, _mm_config(config), compile
             layer._forward_impl = functools.partial(_fp8_linear, layer)
             converted.append(name)
     return converted
+
+
+def convert_transformer_layer(layer: torch.nn.Module, cfg) -> list[str]:
+    """What TransformerLayer calls with its LlamaConfig. The GEMMs are compiled with fuse_pointwise, except under
+    selective recompute: torch's checkpoint policy cannot see into compiled code, so it would replay compiled FP8
+    GEMMs instead of keeping their outputs (megatron/model/recompute.py)."""
+    selective = cfg.checkpoint_activations and cfg.recompute_granularity == "selective"
+    return convert_layer(layer, cfg.fp8_recipe, cfg.fp8_emulate, compile=cfg.fuse_pointwise and not selective)
 
 
 def is_converted(layer: torch.nn.Module) -> bool:

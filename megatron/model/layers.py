@@ -206,7 +206,7 @@ class TransformerLayer(torch.nn.Module):
                                                 cfg.fuse_pointwise)
         self.mlp = SwiGLU(cfg, layer_number)
         if cfg.fp8_recipe:  # the four linear layers above; embedding and output layer stay high precision
-            fp8.convert_layer(self, cfg.fp8_recipe, cfg.fp8_emulate)
+            fp8.convert_transformer_layer(self, cfg)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.cfg.hidden_dropout, self.training) if self.cfg.hidden_dropout else x
