@@ -1007,7 +1007,8 @@ def _stage_groups(stages: list[StageMemory]) -> list[tuple[str, StageMemory]]:
 def _step_lines(plan: Plan) -> list[str]:
     """The step time as the balanced-pipeline formula, stretched by the stages' imbalance when PP > 1."""
     lay = plan.layout
-    balanced = (f"FLOPs/step x {plan.recompute_factor:.2f} / ({lay.gpus:,} GPUs x {plan.tflops:.1f} TFLOP/s) / "
+    fp8 = f" x {plan.fp8_time_factor:.2f} (fp8, predicted)" if plan.precision.fp8 else ""
+    balanced = (f"FLOPs/step x {plan.recompute_factor:.2f}{fp8} / ({lay.gpus:,} GPUs x {plan.tflops:.1f} TFLOP/s) / "
                 "(1 - bubble)")
     if lay.pp == 1:
         return [f"  step        {balanced} = {_duration(plan.step_seconds)}"]
