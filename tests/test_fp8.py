@@ -165,7 +165,7 @@ def _launch(tmp: Path, name: str, data_prefix: str, **extra) -> Path:
            "weight_decay": 0.01, "gradient_clipping": 1.0e6, "checkpoint_factor": 1, "save": str(out / "ckpt"),
            "run_dir": str(out / "run"), "use_wandb": False, "tensorboard_dir": None,
            "master_port": 29000 + os.getpid() % 400 + len(name), "fp8": {"recipe": "tensorwise", "emulate": True},
-           "checkpoint_activations": True, **extra}
+           "checkpoint_activations": True, "partition_activations": True, **extra}
     path = tmp / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 4 ranks on 2 cores
@@ -194,8 +194,9 @@ def _weights(out: Path, step: int, cfg) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def fp8_runs(tmp_path_factory):
-    """One fp8 run of STEPS steps at TP 2 x PP 2 (full activation checkpointing on), saving every step, and the same
-    run resumed from its step-1 checkpoint: 2 launches of 4 ranks, shared by the tests below."""
+    """One fp8 run of STEPS steps at TP 2 x PP 2 (ZeRO-1; full activation checkpointing through DeepSpeed's, with
+    the checkpointed inputs partitioned over TP), saving every step, and the same run resumed from its step-1
+    checkpoint: 2 launches of 4 ranks, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("fp8")
     prefix = str(tmp / "synthetic_text_document")
     synthetic_corpus(prefix)
