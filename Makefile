@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 PINS   := torch==2.13.0 deepspeed==0.19.8 megatron-core==0.16.1
 STAMP  := $(VENV)/.installed
 REQS   := requirements/base.txt requirements/hf.txt requirements/logging.txt requirements/dev.txt
+# torchao (3.4 MB of Python wheels): the FP8 tests run its emulation on CPU (tests/test_fp8.py).
+REQS   += requirements/fp8.txt
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-fast test-gpu docs-config clean-demo
@@ -17,6 +19,7 @@ $(STAMP): $(REQS)
 	$(PY) -m pip install -q --disable-pip-version-check $(PINS)
 	$(PY) -m pip install -q --disable-pip-version-check $(PINS) -r requirements/base.txt -r requirements/hf.txt \
 		-r requirements/logging.txt -r requirements/dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check $(PINS) -r requirements/fp8.txt
 	@touch $(STAMP)
 
 # Tiny Llama-3.1 on CPU: Python's own documentation → Llama-3 tokenizer → .bin/.idx → 2 gloo ranks via deepy.py.

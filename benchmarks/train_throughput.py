@@ -18,7 +18,9 @@ Variants switch the kernel keys (configs/README.md, "KernelArgs"): `defaults` se
 SDPA, unfused pointwise ops, no gradient_accumulation_fusion; `fast` = cuDNN SDPA on Hopper, torch.compile'd
 RMSNorm/RoPE/SwiGLU, still without the fusion (the defaults before 2026-11-24, kept so rows stay comparable);
 `fast-fusedgrad` = fast plus gradient_accumulation_fusion (the defaults now); `fast-fusedgrad-selective` also
-recomputes selectively where a shape needs checkpointing. First it runs the GPU-only tests (tests_gpu/,
+recomputes selectively where a shape needs checkpointing; `fast-fusedgrad-fp8` and `fast-fusedgrad-fp8-rowwise` =
+fast-fusedgrad with the transformer layers' GEMMs in FP8 (torchao, tensorwise / rowwise scaling; docs/fp8.md), to
+run beside `fast-fusedgrad` in the same call: `--variants fast-fusedgrad,fast-fusedgrad-fp8,fast-fusedgrad-fp8-rowwise`. First it runs the GPU-only tests (tests_gpu/,
 `make test-gpu`), so every timed GPU branch is also checked in the same run (--skip-gpu-tests to leave them out).
 
 Before each of our runs the planner (megatron/planning.py) predicts its peak memory; a run predicted not to fit the
@@ -76,6 +78,11 @@ VARIANTS = {
     # + selective recompute (megatron/model/recompute.py) on the shapes that need checkpointing
     "fast-fusedgrad-selective": {"attention_backend": "auto", "fuse_pointwise": True,
                                  "gradient_accumulation_fusion": True, "recompute_granularity": "selective"},
+    # + the transformer layers' GEMMs in FP8 through torchao (megatron/model/fp8.py, docs/fp8.md)
+    "fast-fusedgrad-fp8": {"attention_backend": "auto", "fuse_pointwise": True, "gradient_accumulation_fusion": True,
+                           "fp8": {"recipe": "tensorwise"}},
+    "fast-fusedgrad-fp8-rowwise": {"attention_backend": "auto", "fuse_pointwise": True,
+                                   "gradient_accumulation_fusion": True, "fp8": {"recipe": "rowwise"}},
 }
 COMMON = dict(seq_length=8192, max_position_embeddings=131072, rotary_emb_base=500000.0,
               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -257,6 +257,7 @@ class Precision:
     fused: bool = False  # fuse_pointwise: torch.compile'd RMSNorm/RoPE/SwiGLU (GPU only)
     attention: str = "auto"  # attention_backend, or "flex" for document masking (memory modelled as flash's)
     fused_grads: bool | None = False  # gradient_accumulation_fusion as configured (None: wherever it applies)
+    fp8: Optional[str] = None  # the fp8 recipe (megatron/model/fp8.py), None when off
 
     @property
     def grads_fused(self) -> bool:
@@ -301,7 +302,8 @@ def precision_of(cfg: NeoXConfig) -> Precision:
         attention = "flex"  # document masking on a GPU runs compiled FlexAttention
     return Precision(name, cfg.data_types.grad_accum_dtype, cfg.zero_optimization.stage,
                      fused=bool(getattr(cfg, "fuse_pointwise", False)), attention=attention,
-                     fused_grads=getattr(cfg, "gradient_accumulation_fusion", False))
+                     fused_grads=getattr(cfg, "gradient_accumulation_fusion", False),
+                     fp8=cfg.fp8.recipe if getattr(cfg, "fp8", None) else None)
 
 
 def layer_activation_bytes(shape: Shape, tp: int, micro: int, act: int, fused: bool = False,
@@ -362,6 +364,39 @@ def backward_working_bytes(shape: Shape, tp: int, micro: int, act: int, fused_gr
     s = micro * shape.seq
     weight_grad = 0 if fused_grads else act * 2 * shape.ffn * shape.hidden // tp
     return act * s * (2 * shape.ffn // tp + 2 * shape.hidden) + weight_grad
+
+
+# ---- FP8 (megatron/model/fp8.py): PREDICTIONS, not yet measured on a GPU (docs/fp8.md says how to measure) ----
+# Time. FP8 changes only the transformer layers' linear GEMMs. Measured here at bf16 (docs/performance.md, H100
+# profile of the default run at the 8B width): matmuls are 74% of the step, at the bf16 GEMM peak. The FP8 tensor
+# cores have twice the bf16 peak, but torchao adds the scaling casts (amax, scale, cast, and a transposed copy per
+# operand: memory-bound passes over every GEMM input and gradient), so the layer GEMMs *with their casts* are
+# assumed to take 1/1.6 (tensorwise) and 1/1.25 (rowwise: CUTLASS rowwise kernels, slower than cuBLAS tensorwise)
+# of their bf16 time. Anchors: torchao/torchtitan report +25% (tensorwise) and +10% (rowwise) tokens/s for
+# Llama-3-8B on H100, where the layer GEMMs are a larger share of the step than in our few-layer benchmark shapes.
+FP8_MATMUL_SHARE = 0.74
+FP8_GEMM_SPEEDUP = {"tensorwise": 1.6, "rowwise": 1.25}
+
+
+def fp8_time_factor(shape: Shape, recipe: Optional[str]) -> float:
+    """Step compute time with FP8 over bf16 (a prediction): the layer GEMMs' share of the matmul FLOPs (6 N_layers
+    of 6 N + 12 L h s: the output layer and attention's score/value products stay bf16) speeds up by
+    FP8_GEMM_SPEEDUP; the rest of the step (the other matmuls, attention, pointwise, optimizer) does not."""
+    if not recipe:
+        return 1.0
+    layer_gemms = 6 * shape.layers * (shape.attn_params() + shape.mlp_params())
+    share = FP8_MATMUL_SHARE * layer_gemms / flops_per_token(shape)
+    return 1 - share + share / FP8_GEMM_SPEEDUP[recipe]
+
+
+def fp8_working_bytes(shape: Shape, tp: int, micro: int) -> int:
+    """Transient FP8 copies at the worst GEMM (a prediction): the gate/up weight-gradient step casts the output
+    gradient [tokens, 2f/TP] and the input [tokens, h] to one byte each, in the row- and the column-major layout
+    the two backward GEMMs read, and the weight [2f/TP, h] likewise. What autograd keeps between forward and
+    backward does not grow: torchao's FP8 linear saves its high-precision input, which the bf16 path keeps too
+    (at TP > 1 the row-parallel inputs are kept in FP8 instead, which the model ignores: a small overestimate)."""
+    s, h, f2 = micro * shape.seq, shape.hidden, 2 * shape.ffn // tp
+    return 2 * (s * f2 + s * h + f2 * h)
 
 
 def loss_peak_bytes(shape: Shape, tp: int, micro: int, act: int, fused: bool = False,
@@ -508,7 +543,8 @@ class Plan:
     def stage_seconds(self) -> list[float]:
         """Forward plus backward time of one micro-batch on each stage, at the assumed TFLOP/s per GPU."""
         tokens = self.layout.micro * self.shape.seq
-        return [w * tokens / (self.layout.tp * self.tflops * 1e12) for w in self.stage_flops_per_token()]
+        return [w * tokens * self.fp8_time_factor / (self.layout.tp * self.tflops * 1e12)
+                for w in self.stage_flops_per_token()]
 
     @property
     def imbalance(self) -> float:
@@ -517,8 +553,14 @@ class Plan:
         return max(t) / (sum(t) / len(t))
 
     @property
+    def fp8_time_factor(self) -> float:
+        """Compute time with FP8 over compute time without (1.0 when off): fp8_time_factor() below, a prediction."""
+        return fp8_time_factor(self.shape, self.precision.fp8)
+
+    @property
     def compute_seconds(self) -> float:
-        return self.flops_per_step * self.recompute_factor / (self.layout.gpus * self.tflops * 1e12)
+        return (self.flops_per_step * self.recompute_factor * self.fp8_time_factor
+                / (self.layout.gpus * self.tflops * 1e12))
 
     @property
     def step_seconds(self) -> float:
@@ -550,6 +592,8 @@ def plan_memory(shape: Shape, layout: Layout, precision: Precision, partition_me
     kept_selective = selective_kept_bytes(shape, tp, b, act, precision.attention)
     fused_grads = precision.grads_fused
     work = backward_working_bytes(shape, tp, b, act, fused_grads)
+    if precision.fp8:
+        work += fp8_working_bytes(shape, tp, b)
     # DeepSpeed's pipeline config defaults pipe_partitioned/grad_partitioned to true: with TP > 1 a stage keeps
     # only its TP slice of the output it sent (engine._exec_forward_pass).
     pipe_partitioned = tp > 1
@@ -699,6 +743,11 @@ def make_plan(cfg: NeoXConfig, gpus: Optional[int] = None, gpu: str = DEFAULT_GP
     if getattr(cfg, "reset_attention_mask", False):
         plan.notes.append("reset_attention_mask: the document-masked attention's memory is modelled as plain causal "
                           "attention (flash/cuDNN); a kernel that builds a dense mask would add seq x seq terms")
+    if precision.fp8:
+        extra = fp8_working_bytes(shape, layout.tp, layout.micro) / GIB
+        plan.notes.append(f"fp8 {precision.fp8}: compute time x{plan.fp8_time_factor:.2f} and {extra:.2f} GiB of "
+                          "FP8 working copies are PREDICTIONS (planning.fp8_time_factor), not yet measured on a GPU "
+                          "(docs/fp8.md)")
     if cfg.vocab_size is None:
         plan.notes.append(f"vocab_size not set: assumed the Llama-3 tokenizer's {LLAMA3_VOCAB:,}")
     if not validated:
@@ -795,7 +844,7 @@ def recorded_keys(cfg: NeoXConfig) -> dict[str, Any]:
     measurement recorded with them stays meaningful if a default changes (benchmarks/results/)."""
     from megatron.config import schema
 
-    keys = [k for sec in (schema.ModelArgs, schema.ParallelArgs, schema.TrainingArgs, schema.KernelArgs)
+    keys = [k for sec in (schema.ModelArgs, schema.ParallelArgs, schema.TrainingArgs, schema.KernelArgs, schema.Fp8Args)
             for k in sec.model_fields]
     dumped = cfg.model_dump(mode="json")
     return {k: dumped[k] for k in keys if dumped.get(k) is not None}
@@ -958,7 +1007,8 @@ def _stage_groups(stages: list[StageMemory]) -> list[tuple[str, StageMemory]]:
 def _step_lines(plan: Plan) -> list[str]:
     """The step time as the balanced-pipeline formula, stretched by the stages' imbalance when PP > 1."""
     lay = plan.layout
-    balanced = (f"FLOPs/step x {plan.recompute_factor:.2f} / ({lay.gpus:,} GPUs x {plan.tflops:.1f} TFLOP/s) / "
+    fp8 = f" x {plan.fp8_time_factor:.2f} (fp8, predicted)" if plan.precision.fp8 else ""
+    balanced = (f"FLOPs/step x {plan.recompute_factor:.2f}{fp8} / ({lay.gpus:,} GPUs x {plan.tflops:.1f} TFLOP/s) / "
                 "(1 - bubble)")
     if lay.pp == 1:
         return [f"  step        {balanced} = {_duration(plan.step_seconds)}"]

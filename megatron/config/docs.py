@@ -69,6 +69,9 @@ def render() -> str:
                        (OptimizerParams, "optimizer.params"), (ZeroOptimization, "zero_optimization"),
                        (DataTypes, "data_types")):
         out += [f"### `{key}`", ""] + _table(model, own_only=False) + [""]
+    from megatron.config.schema import Fp8Spec  # the fp8 section (megatron/model/fp8.py)
+
+    out += ["### `fp8`", ""] + _table(Fp8Spec, own_only=False) + [""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -348,6 +348,30 @@ class IntegrityArgs(_Strict):
                                  "over at once.")
 
 
+class Fp8Spec(_Strict):
+    """FP8 matmuls in the transformer layers through torchao's float8 training (megatron/model/fp8.py, docs/fp8.md)."""
+
+    recipe: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise", description="torchao's dynamic-scaling recipe: tensorwise (one scale per tensor, fastest: "
+        "+25% tokens/s on Llama-3-8B for torchao) or rowwise (one scale per row, power-of-2 scales, more accurate)."
+    )
+    emulate: bool = Field(
+        False, description="torchao's emulation (FP8 rounding, fp32 matmuls): runs anywhere, CPU included, slowly; "
+        "for tests. Off: an NVIDIA Hopper or Ada GPU is required."
+    )
+
+
+class Fp8Args(_Strict):
+    """FP8 training (off unless the `fp8:` section is given)."""
+
+    fp8: Optional[Fp8Spec] = Field(
+        None, description="Run the transformer layers' linear GEMMs (qkv, output projection, SwiGLU gate/up and "
+        "down) in FP8 with torchao's dynamic scaling; the embedding, output layer, norms, attention and loss stay "
+        "in the run's precision. Needs torchao (requirements/fp8.txt), per-rank GEMM sizes divisible by 16 and a "
+        "Hopper/Ada GPU (or emulate). Unset: off."
+    )
+
+
 SECTIONS: tuple[type[_Strict], ...] = (
     ModelArgs,
     ParallelArgs,
@@ -358,11 +382,12 @@ SECTIONS: tuple[type[_Strict], ...] = (
     LoggingArgs,
     LauncherArgs,
     IntegrityArgs,
+    Fp8Args,
 )
 
 
-class NeoXConfig(IntegrityArgs, LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, KernelArgs,
-                 ParallelArgs, ModelArgs):
+class NeoXConfig(IntegrityArgs, Fp8Args, LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs,
+                 KernelArgs, ParallelArgs, ModelArgs):
     """The whole validated config. Read-only by convention: derived values are properties, not mutations."""
 
     # ---- derived values (computed once, in one place) ----

@@ -388,4 +388,35 @@ def check_cross_field(cfg: "NeoXConfig", available_devices: Optional[int] = None
     is worked out from the config and `available_devices` as DeepSpeed's runner will."""
     world, issues = (world_size, []) if world_size else _world_size(cfg, available_devices)
     return (issues + _required(cfg) + _model_shape(cfg) + _positions(cfg) + _parallel(cfg, world) + _training(cfg)
-            + _data(cfg, check_files=world_size is None) + _checkpoint(cfg))
+            + _data(cfg, check_files=world_size is None) + _checkpoint(cfg) + _fp8(cfg, world_size))
+
+
+def _fp8(cfg: "NeoXConfig", world_size: Optional[int]) -> list[ConfigIssue]:
+    """FP8 (megatron/model/fp8.py): torch._scaled_mm needs every GEMM dimension divisible by 16. The library and the
+    GPU are checked where the ranks run (the workers know `world_size`): deepy.py and the planner may run on a
+    machine without the GPU the config is meant for."""
+    if cfg.fp8 is None:
+        return []
+    from megatron.model import fp8
+
+    issues = []
+    if cfg.hidden_size and cfg.num_attention_heads and cfg.intermediate_size and cfg.seq_length:
+        dims = fp8.gemm_dims(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.intermediate_size,
+                             cfg.tp, cfg.train_micro_batch_size_per_gpu * cfg.seq_length)
+        bad = {name: n for name, n in dims.items() if n % 16}
+        if bad:
+            # Named with model_parallel_size when a per-rank size is the problem: the planner's layout search
+            # (planning.layout_problems) then skips TP sizes that FP8 cannot run at.
+            key = "fp8,model_parallel_size" if any("TP rank" in name for name in bad) else "fp8"
+            issues.append(ConfigIssue(key, "FP8 GEMMs need every dimension divisible by 16, but "
+                                      + ", ".join(f"{k} = {v}" for k, v in bad.items()) + " is not",
+                                      "choose sizes (and model_parallel_size) that make them multiples of 16, or "
+                                      "remove fp8"))
+    if world_size is not None:  # in the workers: this is the device that would run it (not a planning machine)
+        problem = fp8.hardware_problem(cfg.fp8.emulate)
+        if problem:
+            fix = "pip install -r requirements/fp8.txt" if not fp8.available() else \
+                "run on a Hopper/Ada GPU, set fp8.emulate: true (torchao's emulation, slow: tests), or remove fp8"
+            issues.append(ConfigIssue("fp8.emulate" if fp8.available() else "fp8", problem, fix,
+                                      cfg.fp8.emulate if fp8.available() else cfg.fp8.recipe))
+    return issues

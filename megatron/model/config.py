@@ -44,6 +44,9 @@ class LlamaConfig:
     eod_token_id: Optional[int] = None
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
+    # FP8 GEMMs in the transformer layers (megatron/model/fp8.py): torchao recipe name, or None for off.
+    fp8_recipe: Optional[str] = None
+    fp8_emulate: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -93,6 +96,8 @@ class LlamaConfig:
             eod_token_id=eod_token_id,
             reset_position_ids=cfg.reset_position_ids,
             reset_attention_mask=cfg.reset_attention_mask,
+            fp8_recipe=cfg.fp8.recipe if cfg.fp8 else None,
+            fp8_emulate=bool(cfg.fp8 and cfg.fp8.emulate),
         )
 
     # ---- initialisation scales ----

@@ -18,7 +18,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megatron import grad_accum_fusion
-from megatron.model import doc_mask, kernels, sharding
+from megatron.model import doc_mask, fp8, kernels, sharding
 from megatron.model.config import LlamaConfig
 from megatron.model.rope import RotaryEmbedding
 from megatron.parallel.layout import kv_group
@@ -205,6 +205,8 @@ class TransformerLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_epsilon, cfg.params_dtype,
                                                 cfg.fuse_pointwise)
         self.mlp = SwiGLU(cfg, layer_number)
+        if cfg.fp8_recipe:  # the four linear layers above; embedding and output layer stay high precision
+            fp8.convert_transformer_layer(self, cfg)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.cfg.hidden_dropout, self.training) if self.cfg.hidden_dropout else x

@@ -34,6 +34,8 @@ def _ops(*names: str) -> frozenset:
 KEEP = _ops(
     # matmuls (megatron-core's linear layers reach aten.mm; bmm is the math attention backend's)
     "aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default",
+    # FP8 GEMMs (fp8: megatron/model/fp8.py; torchao's emulation reaches aten.mm instead); their casts are replayed
+    "aten._scaled_mm.default",
     # fused attention forwards: their outputs include the logsumexp the backward needs
     "aten._scaled_dot_product_flash_attention.default", "aten._scaled_dot_product_cudnn_attention.default",
     "aten._scaled_dot_product_efficient_attention.default",
