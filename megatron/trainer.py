@@ -10,7 +10,6 @@ import os
 import random
 import sys
 import time
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -20,8 +19,9 @@ from megatron import grad_accum_fusion
 from megatron.checkpoint.manager import CheckpointManager
 from megatron.config.deepspeed_config import deepspeed_config
 from megatron.config.schema import NeoXConfig
-from megatron.data.data_utils import (DataExhaustedError, build_train_valid_test_datasets, make_data_loader,
-                                      train_samples_needed)
+from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader, train_samples_needed
+from megatron.data.lm_batches import GlobalTokenBatches
+from megatron.data.lm_batches import lm_batches as _lm_batches
 from megatron.data.tokenizer import build_tokenizer
 from megatron.guards import BadStepGuard, ExitConditions, injected_nan_steps, injected_step_delay
 from megatron.metrics import MetricSinks, StepTimer, flops_per_token, format_step, max_over_ranks, peak_memory_gib
@@ -30,31 +30,6 @@ from megatron.model.llama import build_model
 from megatron.optim import build_optimizer, build_scheduler, lr_at
 from megatron.parallel.layout import ParallelLayout
 from megatron.profiling import PhaseTimes, StepProfiler, gather_stage_phases, install_phase_timers
-
-
-def _lm_batches(loader, eod_mask_id: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) pairs in the form DeepSpeed's pipeline engine consumes, one per batch of `loader`.
-
-    The datasets are sized for the whole run, so running out means that sizing is wrong: DataExhaustedError
-    then, rather than starting the loader again, which would silently repeat samples (and spin forever on an
-    empty loader).
-
-    With label datasets (SFT) the targets are the batch's "labels", shifted like the tokens: -100 there (the
-    prompt, in chat data) takes no loss.
-
-    eod_mask_id (eod_mask_loss): positions whose input token is this EOD id get label -100, which the loss
-    ignores: the token after a document's end is not predicted from that document. Document ids for
-    reset_position_ids / reset_attention_mask are computed by the model's embedding stage from the inputs."""
-    served = 0
-    for batch in loader:
-        tokens = batch["tokens"]
-        targets = batch.get("labels", tokens)
-        inputs, labels = tokens[:, :-1].contiguous(), targets[:, 1:].contiguous()
-        if eod_mask_id is not None:
-            labels = labels.masked_fill(inputs.eq(eod_mask_id), -100)
-        served += 1
-        yield inputs, labels
-    raise DataExhaustedError.for_loader(loader, served)
 
 
 class Trainer:
@@ -213,9 +188,11 @@ class Trainer:
         if epochs:
             train = self.epoch_data.train
         micro, lay = cfg.train_micro_batch_size_per_gpu, self.layout
-        self.train_iter = _lm_batches(
+        # Read a step ahead so each micro-batch's loss is divided by the global batch's loss tokens (per-token loss).
+        self.train_iter = GlobalTokenBatches(_lm_batches(
             make_data_loader(train, micro, lay.dp_rank, lay.dp, self.consumed_samples, cfg.num_workers),
-            self.tokenizer.eod_id if cfg.eod_mask_loss else None)
+            self.tokenizer.eod_id if cfg.eod_mask_loss else None), cfg.gradient_accumulation_steps, lay.dp,
+            lay.mpu().get_data_parallel_group() if lay.dp > 1 else None)
         # Validation sets by metric prefix: the domain set, and with replay the general-text set, so forgetting
         # shows directly as valid_replay/loss.
         self.valid_sets = {}
@@ -244,6 +221,7 @@ class Trainer:
         # Throughput counts training time only: validation and checkpoint saves inside a log window are left out
         # of `window_seconds` (as Megatron stops its interval timer around them).
         timer, window_seconds, window_losses, window_start, last = StepTimer(), 0.0, [], self.iteration, {}
+        window_loss_tokens = [0, 0]  # loss tokens, label positions: read by the data iterator, summed over DP
         bar = tqdm(total=cfg.train_iters, initial=self.iteration, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_logger and sys.stderr.isatty()))  # log lines suffice in files
         stop_reason = None
@@ -252,6 +230,8 @@ class Trainer:
             lr = self.engine.get_lr()[0]  # the lr this step's update uses (the scheduler moves on after it)
             loss = self.engine.train_batch(data_iter=self.train_iter).item()  # all micro-batches, then the update
             self.iteration += 1
+            window_loss_tokens = [window_loss_tokens[0] + self.train_iter.loss_tokens,
+                                  window_loss_tokens[1] + self.train_iter.label_positions]
             # DeepSpeed does not step the scheduler on a skipped update; a resume sets the lr from the step count,
             # so set it that way here too, or a run with skipped steps would resume at another lr.
             self._set_schedule_step(self.iteration)
@@ -285,6 +265,8 @@ class Trainer:
                     "peak_mem_gib": max_over_ranks(peak_memory_gib()),
                     "consumed_samples": self.consumed_samples,
                     "skipped_steps": self.guard.total_skipped,
+                    "loss_tokens": window_loss_tokens[0] / steps,
+                    "loss_token_share": window_loss_tokens[0] / max(1, window_loss_tokens[1]),
                 }
                 if not window_losses:  # every step of the window was skipped: there is no loss to report
                     del last["loss"]
@@ -293,7 +275,7 @@ class Trainer:
                 self.sinks.log(self.iteration, last)
                 if self.is_logger:
                     bar.write(format_step(self.iteration, cfg.train_iters, last))
-                window_losses, window_start = [], self.iteration
+                window_losses, window_start, window_loss_tokens = [], self.iteration, [0, 0]
 
             eval_due = self.valid_sets and (self.iteration % cfg.eval_interval == 0
                                             or self.iteration == cfg.train_iters)
