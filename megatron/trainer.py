@@ -19,9 +19,10 @@ from megatron import grad_accum_fusion
 from megatron.checkpoint.manager import CheckpointManager
 from megatron.config.deepspeed_config import deepspeed_config
 from megatron.config.schema import NeoXConfig
-from megatron.data.data_utils import build_train_valid_test_datasets, make_data_loader, train_samples_needed
+from megatron.data.data_utils import Packing, build_train_valid_test_datasets, make_data_loader, train_samples_needed
 from megatron.data.lm_batches import GlobalTokenBatches
 from megatron.data.lm_batches import lm_batches as _lm_batches
+from megatron.data.packing import packing_summaries, plan_label_epochs
 from megatron.data.tokenizer import build_tokenizer
 from megatron.guards import BadStepGuard, ExitConditions, injected_nan_steps, injected_step_delay
 from megatron.metrics import MetricSinks, StepTimer, flops_per_token, format_step, max_over_ranks, peak_memory_gib
@@ -30,6 +31,12 @@ from megatron.model.llama import build_model
 from megatron.optim import build_optimizer, build_scheduler, lr_at
 from megatron.parallel.layout import ParallelLayout
 from megatron.profiling import PhaseTimes, StepProfiler, gather_stage_phases, install_phase_timers
+
+
+def _packing_ids(cfg) -> tuple[int, int | None]:
+    """(EOD, end-of-message) ids for whole-document packing (padding, and where long conversations are cut)."""
+    tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
+    return tokenizer.eod_id, getattr(tokenizer, "eot_id", None)
 
 
 class Trainer:
@@ -47,8 +54,11 @@ class Trainer:
         self._seed_everything(cfg.seed + 100 * self.layout.pp_rank)
 
         self.global_batch = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * self.layout.dp
-        self.epoch_data = None
-        if cfg.train_epochs is not None:
+        self.epoch_data = self.label_epochs = None
+        if cfg.train_epochs is not None and cfg.train_label_data_paths:  # epochs of whole conversations (SFT)
+            self.label_epochs = plan_label_epochs(cfg, self.global_batch, *_packing_ids(cfg))
+            cfg = cfg.model_copy(update={"train_iters": self.label_epochs.train_iters()})
+        elif cfg.train_epochs is not None:
             # Epoch-based runs (with or without replay) know their length only once the samples are planned; the
             # schedule needs it, so plan before the engine. The derived train_iters stays out of saved configs.
             from megatron.data.replay import build_epoch_datasets
@@ -174,7 +184,8 @@ class Trainer:
         if note:
             self.sinks.print(note)
         train, valid, _ = build_train_valid_test_datasets(
-            train_data_paths=cfg.train_data_paths, train_data_weights=cfg.train_data_weights,
+            train_data_paths=cfg.train_data_paths,
+            train_data_weights=self.label_epochs.weights if self.label_epochs else cfg.train_data_weights,
             valid_data_paths=cfg.valid_data_paths, valid_data_weights=cfg.valid_data_weights,
             test_data_paths=cfg.test_data_paths, test_data_weights=cfg.test_data_weights,
             train_label_data_paths=cfg.train_label_data_paths, valid_label_data_paths=cfg.valid_label_data_paths,
@@ -184,7 +195,10 @@ class Trainer:
             # The same validation samples every evaluation, so the curve compares like with like.
             valid_num_samples=max(1, cfg.eval_iters) * self.global_batch,
             test_num_samples=0, cache_dir=cfg.data_cache_dir,
+            packing=Packing(cfg.resolved_pack_impl, self.tokenizer.eod_id, getattr(self.tokenizer, "eot_id", None)),
         )
+        for line in ([self.label_epochs.summary()] if self.label_epochs else []) + packing_summaries(train):
+            self.sinks.print(line)
         if epochs:
             train = self.epoch_data.train
         micro, lay = cfg.train_micro_batch_size_per_gpu, self.layout

@@ -91,8 +91,9 @@ class LlamaConfig:
             fuse_pointwise=cfg.fuse_pointwise,
             gradient_accumulation_fusion=gradient_accumulation_fusion,
             eod_token_id=eod_token_id,
-            reset_position_ids=cfg.reset_position_ids,
-            reset_attention_mask=cfg.reset_attention_mask,
+            # Whole-document packing pads with EODs and needs each document (and padding token) kept apart.
+            reset_position_ids=cfg.reset_position_ids or cfg.resolved_pack_impl != "packed",
+            reset_attention_mask=cfg.reset_attention_mask or cfg.resolved_pack_impl != "packed",
         )
 
     # ---- initialisation scales ----
