@@ -75,6 +75,18 @@ def pack(lengths: np.ndarray, capacity: int, impl: str) -> list[np.ndarray]:
     return [np.array(b) for b in bins]
 
 
+def cut_point(tokens: np.ndarray, labels: np.ndarray, room: int, boundary_id: int | None) -> int:
+    """How many tokens of an over-long labelled document are kept: up to just after its last end-of-message
+    token (`boundary_id`) within `room` tokens, if they hold a loss token; 0 (dropped) otherwise."""
+    if boundary_id is None:
+        return 0
+    tokens, labels = tokens[:room], labels[:room]
+    for cut in (np.flatnonzero(tokens == boundary_id) + 1)[::-1].tolist():
+        if np.any(labels[:cut] != IGNORE_INDEX):
+            return cut
+    return 0
+
+
 @dataclass
 class PackingStats:
     capacity: int = 0  # tokens per sample
@@ -145,15 +157,7 @@ class PackedDocumentsDataset:
         """Tokens kept of an over-long document so that they and an EOD fit (see the module docstring)."""
         if self.labels is None:
             return room
-        if boundary_id is None:
-            return 0
-        tokens = self.indexed.document_tokens(doc)[:room]
-        labels = self.labels.document_tokens(doc)[:room]
-        ends = np.flatnonzero(tokens == boundary_id) + 1  # cut just after an end of message
-        for cut in ends[::-1].tolist():
-            if np.any(labels[:cut] != IGNORE_INDEX):
-                return cut
-        return 0
+        return cut_point(self.indexed.document_tokens(doc), self.labels.document_tokens(doc), room, boundary_id)
 
     def summary(self) -> str:
         s = self.stats
