@@ -37,23 +37,23 @@ def question(rng: random.Random, obj: str) -> str:
     return f"{rng.choice(OPENERS)} ({noise}): what is a {obj}?"
 
 
-def openai_row(rng: random.Random) -> dict:
-    obj = rng.choice(sorted(FACTS))
+def openai_row(rng: random.Random, facts: list[str]) -> dict:
+    obj = rng.choice(facts)
     return {"messages": [{"role": "system", "content": rng.choice(SYSTEMS)},
                          {"role": "user", "content": question(rng, obj)},
                          {"role": "assistant", "content": FACTS[obj]}]}
 
 
-def sharegpt_row(rng: random.Random) -> dict:
+def sharegpt_row(rng: random.Random, facts: list[str]) -> dict:
     turns = [{"from": "system", "value": rng.choice(SYSTEMS)}]
     for _ in range(rng.randint(1, 3)):
-        obj = rng.choice(sorted(FACTS))
+        obj = rng.choice(facts)
         turns += [{"from": "human", "value": question(rng, obj)}, {"from": "gpt", "value": FACTS[obj]}]
     return {"conversations": turns, "source": "synthetic"}
 
 
-def nemotron_row(rng: random.Random) -> dict:
-    obj = rng.choice(sorted(FACTS))
+def nemotron_row(rng: random.Random, facts: list[str]) -> dict:
+    obj = rng.choice(facts)
     reasoning = rng.choice(["on", "off"])
     output = FACTS[obj]
     if reasoning == "on":
@@ -67,12 +67,13 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--rows", type=int, default=400, help="rows per file (default 400)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--facts", type=int, default=len(FACTS), help=f"objects asked about (1..{len(FACTS)})")
     args = p.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     for i, (name, make) in enumerate((("astro_qa", openai_row), ("hermes", sharegpt_row),
                                       ("nemotron", nemotron_row))):
         rng = random.Random(args.seed * 100 + i)
-        rows = [make(rng) for _ in range(args.rows)]
+        rows = [make(rng, sorted(FACTS)[: args.facts]) for _ in range(args.rows)]
         rows += rows[: max(1, args.rows // 50)]  # exact duplicates, for the mix tool to find
         path = os.path.join(args.output_dir, f"{name}.jsonl")
         with open(path, "w") as f:
