@@ -52,6 +52,7 @@ def run(tmp_path: Path, name: str, micro: int, gas: int, gpus: int, data) -> tup
     cfg = {**base, "vocab_size": VOCAB, "seq_length": SEQ, "num_layers": 2, "train_micro_batch_size_per_gpu": micro,
            "gradient_accumulation_steps": gas, "num_gpus": gpus, "train_iters": 1, "log_interval": 1,
            "eval_iters": 0, "train_data_paths": [data[0]], "train_label_data_paths": [data[1]],
+           "pack_impl": "packed",  # the token stream: vocab 256 has no room for the Llama-3 EOD that pads
            # Adam's first step is lr * g / (|g| + eps): with eps 1 the update follows the gradient, not its sign.
            "optimizer": {"type": "Adam", "params": {"lr": 1.0, "eps": 1.0}}, "weight_decay": 0.0, "warmup": 0.0,
            "lr_decay_style": "constant", "run_dir": str(d / "run"), "save": str(d / "ckpt"),
