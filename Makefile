@@ -31,6 +31,14 @@ demo: $(STAMP)
 
 # The same tiny model as continued pretraining with per-epoch replay (docs/replay.md): Python's reference docs as
 # the domain corpus, standard-library docstrings as the general-text replay pool, each with a held-out set.
+.PHONY: demo-sft
+demo-sft: $(STAMP)
+	$(PY) tools/datasets/build_demo_chat.py --output-dir data/demo_sft --rows 200
+	$(PY) tools/datasets/build_sft_mix.py --output-prefix data/demo_sft/mix --seq-length 128 --valid-fraction 0.05 \
+		--source data/demo_sft/astro_qa.jsonl share=0.3 --source data/demo_sft/hermes.jsonl \
+		--source data/demo_sft/nemotron.jsonl --no-progress
+	WANDB_MODE=offline $(PY) deepy.py train.py configs/tiny_cpu.yml configs/demo_sft.yml
+
 .PHONY: demo-replay
 demo-replay: $(STAMP)
 	$(PY) tools/datasets/build_demo_replay_corpus.py --output-dir data/demo_replay
@@ -53,4 +61,4 @@ docs-config: $(STAMP)
 	$(PY) -c "from megatron.config.neox_compat import update_doc; update_doc('docs/config.md')"
 
 clean-demo:
-	rm -rf data/demo runs/demo data/demo_replay runs/demo_replay
+	rm -rf data/demo runs/demo data/demo_replay runs/demo_replay data/demo_sft runs/demo_sft

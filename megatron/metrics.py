@@ -179,4 +179,5 @@ def format_step(step: int, total: int, m: dict) -> str:
     ) + (
         f" | lr {m['lr']:.3e} | grad norm {m['grad_norm']:.3f} | "
         f"{m['tokens_per_s']:,.0f} tok/s | {m['tflops_per_gpu']:.2f} TFLOP/s/GPU | mem {m['peak_mem_gib']:.2f} GiB"
-    )
+    ) + (f" | loss tokens {m['loss_tokens']:,.0f}/step ({100 * m['loss_token_share']:.1f}%)" if "loss_tokens" in m
+         else "")

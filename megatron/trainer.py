@@ -10,7 +10,6 @@ import os
 import random
 import sys
 import time
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -20,8 +19,10 @@ from megatron import grad_accum_fusion
 from megatron.checkpoint.manager import CheckpointManager
 from megatron.config.deepspeed_config import deepspeed_config
 from megatron.config.schema import NeoXConfig
-from megatron.data.data_utils import (DataExhaustedError, build_train_valid_test_datasets, make_data_loader,
-                                      train_samples_needed)
+from megatron.data.data_utils import Packing, build_train_valid_test_datasets, make_data_loader, train_samples_needed
+from megatron.data.lm_batches import GlobalTokenBatches
+from megatron.data.lm_batches import lm_batches as _lm_batches
+from megatron.data.packing import packing_summaries, plan_label_epochs
 from megatron.data.tokenizer import build_tokenizer
 from megatron.guards import BadStepGuard, ExitConditions, injected_nan_steps, injected_step_delay
 from megatron.metrics import MetricSinks, StepTimer, flops_per_token, format_step, max_over_ranks, peak_memory_gib
@@ -32,29 +33,10 @@ from megatron.parallel.layout import ParallelLayout
 from megatron.profiling import PhaseTimes, StepProfiler, gather_stage_phases, install_phase_timers
 
 
-def _lm_batches(loader, eod_mask_id: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) pairs in the form DeepSpeed's pipeline engine consumes, one per batch of `loader`.
-
-    The datasets are sized for the whole run, so running out means that sizing is wrong: DataExhaustedError
-    then, rather than starting the loader again, which would silently repeat samples (and spin forever on an
-    empty loader).
-
-    With label datasets (SFT) the targets are the batch's "labels", shifted like the tokens: -100 there (the
-    prompt, in chat data) takes no loss.
-
-    eod_mask_id (eod_mask_loss): positions whose input token is this EOD id get label -100, which the loss
-    ignores: the token after a document's end is not predicted from that document. Document ids for
-    reset_position_ids / reset_attention_mask are computed by the model's embedding stage from the inputs."""
-    served = 0
-    for batch in loader:
-        tokens = batch["tokens"]
-        targets = batch.get("labels", tokens)
-        inputs, labels = tokens[:, :-1].contiguous(), targets[:, 1:].contiguous()
-        if eod_mask_id is not None:
-            labels = labels.masked_fill(inputs.eq(eod_mask_id), -100)
-        served += 1
-        yield inputs, labels
-    raise DataExhaustedError.for_loader(loader, served)
+def _packing_ids(cfg) -> tuple[int, int | None]:
+    """(EOD, end-of-message) ids for whole-document packing (padding, and where long conversations are cut)."""
+    tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
+    return tokenizer.eod_id, getattr(tokenizer, "eot_id", None)
 
 
 class Trainer:
@@ -72,8 +54,11 @@ class Trainer:
         self._seed_everything(cfg.seed + 100 * self.layout.pp_rank)
 
         self.global_batch = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * self.layout.dp
-        self.epoch_data = None
-        if cfg.train_epochs is not None:
+        self.epoch_data = self.label_epochs = None
+        if cfg.train_epochs is not None and cfg.train_label_data_paths:  # epochs of whole conversations (SFT)
+            self.label_epochs = plan_label_epochs(cfg, self.global_batch, *_packing_ids(cfg))
+            cfg = cfg.model_copy(update={"train_iters": self.label_epochs.train_iters()})
+        elif cfg.train_epochs is not None:
             # Epoch-based runs (with or without replay) know their length only once the samples are planned; the
             # schedule needs it, so plan before the engine. The derived train_iters stays out of saved configs.
             from megatron.data.replay import build_epoch_datasets
@@ -199,7 +184,8 @@ class Trainer:
         if note:
             self.sinks.print(note)
         train, valid, _ = build_train_valid_test_datasets(
-            train_data_paths=cfg.train_data_paths, train_data_weights=cfg.train_data_weights,
+            train_data_paths=cfg.train_data_paths,
+            train_data_weights=self.label_epochs.weights if self.label_epochs else cfg.train_data_weights,
             valid_data_paths=cfg.valid_data_paths, valid_data_weights=cfg.valid_data_weights,
             test_data_paths=cfg.test_data_paths, test_data_weights=cfg.test_data_weights,
             train_label_data_paths=cfg.train_label_data_paths, valid_label_data_paths=cfg.valid_label_data_paths,
@@ -209,13 +195,18 @@ class Trainer:
             # The same validation samples every evaluation, so the curve compares like with like.
             valid_num_samples=max(1, cfg.eval_iters) * self.global_batch,
             test_num_samples=0, cache_dir=cfg.data_cache_dir,
+            packing=Packing(cfg.resolved_pack_impl, self.tokenizer.eod_id, getattr(self.tokenizer, "eot_id", None)),
         )
+        for line in ([self.label_epochs.summary()] if self.label_epochs else []) + packing_summaries(train):
+            self.sinks.print(line)
         if epochs:
             train = self.epoch_data.train
         micro, lay = cfg.train_micro_batch_size_per_gpu, self.layout
-        self.train_iter = _lm_batches(
+        # Read a step ahead so each micro-batch's loss is divided by the global batch's loss tokens (per-token loss).
+        self.train_iter = GlobalTokenBatches(_lm_batches(
             make_data_loader(train, micro, lay.dp_rank, lay.dp, self.consumed_samples, cfg.num_workers),
-            self.tokenizer.eod_id if cfg.eod_mask_loss else None)
+            self.tokenizer.eod_id if cfg.eod_mask_loss else None), cfg.gradient_accumulation_steps, lay.dp,
+            lay.mpu().get_data_parallel_group() if lay.dp > 1 else None)
         # Validation sets by metric prefix: the domain set, and with replay the general-text set, so forgetting
         # shows directly as valid_replay/loss.
         self.valid_sets = {}
@@ -244,6 +235,7 @@ class Trainer:
         # Throughput counts training time only: validation and checkpoint saves inside a log window are left out
         # of `window_seconds` (as Megatron stops its interval timer around them).
         timer, window_seconds, window_losses, window_start, last = StepTimer(), 0.0, [], self.iteration, {}
+        window_loss_tokens = [0, 0]  # loss tokens, label positions: read by the data iterator, summed over DP
         bar = tqdm(total=cfg.train_iters, initial=self.iteration, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_logger and sys.stderr.isatty()))  # log lines suffice in files
         stop_reason = None
@@ -252,6 +244,8 @@ class Trainer:
             lr = self.engine.get_lr()[0]  # the lr this step's update uses (the scheduler moves on after it)
             loss = self.engine.train_batch(data_iter=self.train_iter).item()  # all micro-batches, then the update
             self.iteration += 1
+            window_loss_tokens = [window_loss_tokens[0] + self.train_iter.loss_tokens,
+                                  window_loss_tokens[1] + self.train_iter.label_positions]
             # DeepSpeed does not step the scheduler on a skipped update; a resume sets the lr from the step count,
             # so set it that way here too, or a run with skipped steps would resume at another lr.
             self._set_schedule_step(self.iteration)
@@ -285,6 +279,8 @@ class Trainer:
                     "peak_mem_gib": max_over_ranks(peak_memory_gib()),
                     "consumed_samples": self.consumed_samples,
                     "skipped_steps": self.guard.total_skipped,
+                    "loss_tokens": window_loss_tokens[0] / steps,
+                    "loss_token_share": window_loss_tokens[0] / max(1, window_loss_tokens[1]),
                 }
                 if not window_losses:  # every step of the window was skipped: there is no loss to report
                     del last["loss"]
@@ -293,7 +289,7 @@ class Trainer:
                 self.sinks.log(self.iteration, last)
                 if self.is_logger:
                     bar.write(format_step(self.iteration, cfg.train_iters, last))
-                window_losses, window_start = [], self.iteration
+                window_losses, window_start, window_loss_tokens = [], self.iteration, [0, 0]
 
             eval_due = self.valid_sets and (self.iteration % cfg.eval_interval == 0
                                             or self.iteration == cfg.train_iters)

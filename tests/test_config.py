@@ -84,8 +84,8 @@ MALFORMED = [
     ({"train_label_data_paths": ["a_l", "b_l"]},
      "train_label_data_paths", "2 label datasets for 1 train_data_paths"),
     ({"valid_label_data_paths": ["v_l"]}, "valid_label_data_paths", "data_path + split takes no labels"),
-    ({"train_label_data_paths": ["a_l"], "train_iters": None,
-      "train_epochs": 0.6}, "train_label_data_paths,train_epochs", "ceil(epochs x samples / global batch)"),
+    ({"train_label_data_paths": ["a_l"], "train_iters": None, "train_epochs": 0.6, "pack_impl": "packed"},
+     "train_label_data_paths,train_epochs", "epochs of whole conversations"),
     ({"hidden_size": "wide"}, "hidden_size", "integer"),  # wrong type
     ({"num_attention_heads": 6}, "hidden_size,num_attention_heads", "divisible"),  # 64 % 6
     ({"num_kv_heads": 3}, "num_kv_heads", "multiple"),  # 4 % 3

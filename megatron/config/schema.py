@@ -240,6 +240,16 @@ class DataArgs(_Strict):
     eod_mask_loss: bool = Field(False, description="Exclude the loss on predicting the token after an EOD token.")
 
 
+class PackingArgs(_Strict):
+    """How documents become samples (SFT: whole conversations; megatron/data/packing.py, docs/data.md)."""
+
+    pack_impl: Optional[Literal["packed", "pack_until_overflow", "unpacked", "best_fit"]] = Field(
+        None, description="packed: one token stream cut into samples (documents may span two); best_fit: whole "
+        "documents, best-fit decreasing, padded (label -100); pack_until_overflow: whole documents in order until "
+        "the next overflows; unpacked: one per sample. The last three reset positions and attention per document. "
+        "Unset means best_fit with label datasets, packed without.")
+
+
 class CheckpointArgs(_Strict):
     """Saving and loading."""
 
@@ -383,14 +393,21 @@ SECTIONS: tuple[type[_Strict], ...] = (
     LauncherArgs,
     IntegrityArgs,
     Fp8Args,
+    PackingArgs,
 )
 
 
-class NeoXConfig(IntegrityArgs, Fp8Args, LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs,
-                 KernelArgs, ParallelArgs, ModelArgs):
+class NeoXConfig(IntegrityArgs, Fp8Args, PackingArgs, LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs,
+                 TrainingArgs, KernelArgs, ParallelArgs, ModelArgs):
     """The whole validated config. Read-only by convention: derived values are properties, not mutations."""
 
     # ---- derived values (computed once, in one place) ----
+    @property
+    def resolved_pack_impl(self) -> str:
+        if self.pack_impl is not None:
+            return self.pack_impl
+        return "best_fit" if self.train_label_data_paths else "packed"
+
     @property
     def tp(self) -> int:
         return self.model_parallel_size

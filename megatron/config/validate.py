@@ -292,11 +292,12 @@ def _data(cfg: "NeoXConfig", check_files: bool = True) -> list[ConfigIssue]:
             issues.append(ConfigIssue(
                 f"{kind}_label_data_paths", f"{len(labels)} label datasets for {len(paths or [])} {kind}_data_paths",
                 f"give one label prefix per entry of {kind}_data_paths (data_path + split takes no labels)", labels))
-    if cfg.train_label_data_paths and cfg.train_epochs is not None:
+    if cfg.train_label_data_paths and cfg.train_epochs is not None and (
+            cfg.resolved_pack_impl == "packed" or cfg.replay is not None):
         issues.append(ConfigIssue(
-            "train_label_data_paths,train_epochs", "label datasets are read with train_iters, not train_epochs",
-            "set train_iters = ceil(epochs x samples / global batch), samples = tokens // seq_length "
-            "(tools/datasets/inspect_dataset.py prints the tokens)", cfg.train_epochs))
+            "train_label_data_paths,train_epochs", "train_epochs with label datasets counts epochs of whole "
+            "conversations: it needs pack_impl best_fit, pack_until_overflow or unpacked, and no replay",
+            "remove pack_impl: packed (or replay), or set train_iters instead", cfg.train_epochs))
     try:
         parts = [float(x) for x in cfg.split.replace("/", ",").split(",")]
         if len(parts) != 3 or any(x < 0 for x in parts) or sum(parts) <= 0:

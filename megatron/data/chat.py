@@ -11,6 +11,9 @@ conversations packed into one training sample stay separable (document masks spl
 Like llama-models, the role name, the "\\n\\n" and the content are encoded separately, and the content is neither
 stripped nor searched for special tokens: a literal "<|eot_id|>" typed in a message is ordinary text.
 
+Input records may be OpenAI `messages`, ShareGPT `conversations` or Llama-Nemotron post-training rows
+(`parse_record`; `auto` detects the shape per record).
+
 Labels hold the token id where the loss is taken and -100 (`IGNORE_INDEX`) elsewhere. Trained are the content
 tokens of assistant messages and their closing <|eot_id|> (the model learns to end its turn); headers, system,
 user and tool messages, the BOS and the final EOD are not. The trainer predicts label[i + 1] from tokens[: i + 1].
@@ -20,6 +23,7 @@ user and tool messages, the BOS and the final EOD are not. The trainer predicts 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,38 +55,164 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def parse_conversation(obj: dict, key: str = "messages") -> list[tuple[str, str]]:
-    """The (role, content) pairs of `obj[key]`, or ConversationError saying what is wrong."""
+def _check_message(where: str, role: object, content: object) -> tuple[str, str]:
+    if role not in ROLE_HEADERS:
+        raise ConversationError("unknown_role", f"{where} has role {role!r}; expected one of "
+                                                f"{', '.join(ROLE_HEADERS)}")
+    if not isinstance(content, str):
+        raise ConversationError("not_a_string", f"{where} ({role}) content is a {_type_name(content)}, "
+                                                f"not a string")
+    if not content.isascii():
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a "\ud800"-style escape
+            raise ConversationError("invalid_unicode", f"{where} content is not valid Unicode") from None
+    return role, content
+
+
+def _check_conversation(out: list[tuple[str, str]], what: str) -> list[tuple[str, str]]:
+    if not out:
+        raise ConversationError("empty_conversation", f"{what} is empty")
+    if not any(role == "assistant" for role, _ in out):
+        raise ConversationError("no_assistant_turn", f"{what} has no assistant message (nothing to train on)")
+    return out
+
+
+def _message_list(obj: dict, key: str) -> list:
     if key not in obj:
         raise ConversationError("missing_key", f"no key {key!r} (keys: {', '.join(map(repr, obj)) or 'none'})")
     messages = obj[key]
     if not isinstance(messages, list):
         raise ConversationError("not_a_list", f"{key!r} is a {_type_name(messages)}, not a list of messages")
+    return messages
+
+
+def parse_conversation(obj: dict, key: str = "messages") -> list[tuple[str, str]]:
+    """The (role, content) pairs of `obj[key]` (OpenAI `messages`: {"role", "content"} objects), or
+    ConversationError saying what is wrong."""
     out: list[tuple[str, str]] = []
-    for i, message in enumerate(messages):
+    for i, message in enumerate(_message_list(obj, key)):
         where = f"{key}[{i}]"
         if not isinstance(message, dict):
             raise ConversationError("bad_message", f"{where} is a {_type_name(message)}, not an object")
-        role = message.get("role")
-        if role not in ROLE_HEADERS:
-            raise ConversationError("unknown_role", f"{where} has role {role!r}; expected one of "
-                                                    f"{', '.join(ROLE_HEADERS)}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise ConversationError("not_a_string", f"{where} ({role}) content is a {_type_name(content)}, "
-                                                    f"not a string")
         if message.get("tool_calls"):  # structured tool calls would be lost: llama-models renders them specially
             raise ConversationError("tool_calls", f"{where} has tool_calls, which this tool does not render; "
                                                   f"put the call in the content")
-        if not content.isascii():
-            try:
-                content.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate from a "\ud800"-style escape
-                raise ConversationError("invalid_unicode", f"{where} content is not valid Unicode") from None
-        out.append((role, content))
-    if not any(role == "assistant" for role, _ in out):
-        raise ConversationError("no_assistant_turn", f"{key!r} has no assistant message (nothing to train on)")
+        out.append(_check_message(where, message.get("role"), message.get("content")))
+    return _check_conversation(out, repr(key))
+
+
+# ShareGPT speaker names (OpenHermes-2.5, SlimOrca, ...) -> roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "tool": "tool", "function_response": "tool", "observation": "tool"}
+
+
+def parse_sharegpt(obj: dict, key: str = "conversations") -> list[tuple[str, str]]:
+    """ShareGPT rows: `conversations` is a list of {"from": system|human|gpt|tool, "value": str}."""
+    out: list[tuple[str, str]] = []
+    for i, turn in enumerate(_message_list(obj, key)):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise ConversationError("bad_message", f"{where} is a {_type_name(turn)}, not an object")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise ConversationError("unknown_role", f"{where} has from {speaker!r}; expected one of "
+                                                    f"{', '.join(SHAREGPT_ROLES)}")
+        out.append(_check_message(where, SHAREGPT_ROLES[speaker], turn.get("value")))
+    return _check_conversation(out, repr(key))
+
+
+_TEMPLATE_TURN = re.compile(r"<\|start_header_id\|>([a-z]+)<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>", re.S)
+_GENERATION_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def parse_llama3_template(text: str, where: str = "input") -> list[tuple[str, str]]:
+    """A prompt already rendered in the Llama-3 chat format (Llama-Nemotron v1 `input`): its messages. A final
+    generation header (an assistant header with no content) is allowed; anything else outside turns is an error."""
+    rest = text[len("<|begin_of_text|>"):] if text.startswith("<|begin_of_text|>") else text
+    out, position = [], 0
+    for match in _TEMPLATE_TURN.finditer(rest):
+        if match.start() != position:
+            break
+        out.append(_check_message(f"{where} turn {len(out)}", match.group(1), match.group(2)))
+        position = match.end()
+    tail = rest[position:]
+    if tail not in ("", _GENERATION_HEADER):
+        raise ConversationError("bad_template", f"{where} is a string but not Llama-3 chat turns "
+                                                f"(<|start_header_id|>ROLE<|end_header_id|>\\n\\nTEXT<|eot_id|>) "
+                                                f"from character {len(text) - len(tail)}: {tail[:40]!r}")
     return out
+
+
+def parse_nemotron(obj: dict) -> list[tuple[str, str]]:
+    """Llama-Nemotron post-training rows: `input` (a list of {"role", "content"}, or in v1 a string with the
+    Llama-3 template applied), `output` (the assistant reply, `<think>...</think>` kept and trained),
+    `system_prompt` ("detailed thinking on"/"off", the system turn) and `reasoning` ("on"/"off"). Without a
+    system turn in `input` or a `system_prompt`, `reasoning` gives "detailed thinking {reasoning}"."""
+    for k in ("input", "output"):
+        if k not in obj:
+            raise ConversationError("missing_key", f"no key {k!r} (keys: {', '.join(map(repr, obj)) or 'none'})")
+    raw = obj["input"]
+    if not raw:
+        raise ConversationError("empty_conversation", "'input' is empty (no prompt)")
+    if isinstance(raw, str):
+        prompt = parse_llama3_template(raw, "'input'")
+    elif isinstance(raw, list):
+        prompt = _prompt_only(raw)
+    else:
+        raise ConversationError("not_a_list", f"'input' is a {_type_name(raw)}, not a message list or a string")
+    output = obj["output"]
+    if not isinstance(output, str):
+        raise ConversationError("not_a_string", f"'output' is a {_type_name(output)}, not a string")
+    if output.endswith("<|eot_id|>"):  # v1 rows close the reply with the template's end-of-turn text
+        output = output[: -len("<|eot_id|>")]
+    system = obj.get("system_prompt")
+    if system is not None and not isinstance(system, str):
+        raise ConversationError("not_a_string", f"'system_prompt' is a {_type_name(system)}, not a string")
+    if not system and obj.get("reasoning") in ("on", "off"):
+        system = f"detailed thinking {obj['reasoning']}"
+    if system and not (prompt and prompt[0][0] == "system"):
+        prompt = [("system", system), *prompt]
+    return _check_conversation([*prompt, _check_message("output", "assistant", output)], "the row")
+
+
+def _prompt_only(raw: list) -> list[tuple[str, str]]:
+    out = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise ConversationError("bad_message", f"input[{i}] is a {_type_name(message)}, not an object")
+        out.append(_check_message(f"input[{i}]", message.get("role"), message.get("content")))
+    return out
+
+
+FORMATS = ("auto", "openai", "sharegpt", "nemotron")
+# The columns a Parquet input is read with (besides --jsonl-key).
+RECORD_KEYS = ("conversations", "input", "output", "system_prompt", "reasoning")
+
+
+def detect_format(obj: dict, key: str = "messages") -> str:
+    if key in obj:
+        return "openai"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "input" in obj and "output" in obj:
+        return "nemotron"
+    raise ConversationError("unknown_format", f"unknown record shape (keys: {', '.join(map(repr, obj)) or 'none'}); "
+                                              f"expected {key!r} (OpenAI messages), 'conversations' (ShareGPT) or "
+                                              f"'input' + 'output' (Llama-Nemotron)")
+
+
+def parse_record(obj: dict, fmt: str = "auto", key: str = "messages") -> list[tuple[str, str]]:
+    """The conversation of one record in format `fmt` (`auto`: detected per record)."""
+    if fmt == "auto":
+        fmt = detect_format(obj, key)
+    if fmt == "openai":
+        return parse_conversation(obj, key)
+    if fmt == "sharegpt":
+        return parse_sharegpt(obj, "conversations" if key == "messages" else key)
+    if fmt == "nemotron":
+        return parse_nemotron(obj)
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
 
 
 class ChatEncoder:
@@ -130,6 +260,7 @@ class ChatOptions:
     train_on: str = "all-assistant"
     mask: bool = True
     skip_bad: bool = False
+    format: str = "auto"
 
 
 @dataclass
@@ -180,7 +311,7 @@ def process_chunk(chunk: RawChunk | Sequence[Record], dtype: np.dtype) -> ChatCh
                 raise ConversationError(reason, {"undecodable": "not valid UTF-8",
                                                  "malformed_json": "malformed JSON",
                                                  "not_an_object": "not a JSON object"}.get(reason, reason))
-            messages = parse_conversation(obj, options.key)
+            messages = parse_record(obj, options.format, options.key)
         except ConversationError as err:
             message = f"{record.source}:{record.line}: {err}"
             if not options.skip_bad:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,29 @@ def _has_tokens(indexed: IndexedDataset, document_ids: np.ndarray) -> bool:
     return bool(indexed.sequence_lengths[bounds[document_ids[0]] : bounds[document_ids[-1] + 1]].sum() > 0)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """pack_impl (megatron/data/packing.py) and the token ids the whole-document modes need."""
+
+    impl: str = "packed"
+    eod_id: int | None = None  # pads samples and ends documents
+    boundary_id: int | None = None  # end of a message (<|eot_id|>): where an over-long conversation is cut
+
+
+def _dataset(indexed: IndexedDataset, name: str, num_samples: int, seq_length: int, seed: int,
+             cache_dir: str | None, labels: IndexedDataset | None, packing: Packing,
+             document_ids: np.ndarray | None = None) -> Any:
+    if packing.impl == "packed":
+        return GPTDataset(indexed, name, num_samples, seq_length, seed, document_ids=document_ids,
+                          cache_dir=cache_dir, labels=labels)
+    from megatron.data.packing import PackedDocumentsDataset
+
+    if packing.eod_id is None:
+        raise ValueError(f"pack_impl {packing.impl} pads with the EOD token: give the tokenizer's eod_id")
+    return PackedDocumentsDataset(indexed, name, num_samples, seq_length, seed, packing.impl, packing.eod_id,
+                                  document_ids=document_ids, labels=labels, boundary_id=packing.boundary_id)
+
+
 def _blend(
     prefixes: Sequence[str],
     weights: Sequence[float] | None,
@@ -57,6 +81,7 @@ def _blend(
     seed: int,
     cache_dir: str | None,
     label_prefixes: Sequence[str] | None = None,
+    packing: Packing = Packing(),
 ) -> GPTDataset | BlendableDataset:
     if weights is None or len(weights) == 0:
         weights = [1.0] * len(prefixes)
@@ -66,9 +91,8 @@ def _blend(
         raise ValueError(f"{split_name}: {len(prefixes)} data paths but {len(label_prefixes)} label data paths")
     labels = [IndexedDataset(p) for p in label_prefixes] if label_prefixes else [None] * len(prefixes)
     if len(prefixes) == 1:
-        indexed = IndexedDataset(prefixes[0])
-        return GPTDataset(indexed, f"{split_name}_0", num_samples, seq_length, seed, cache_dir=cache_dir,
-                          labels=labels[0])
+        return _dataset(IndexedDataset(prefixes[0]), f"{split_name}_0", num_samples, seq_length, seed, cache_dir,
+                        labels[0], packing)
     total = float(sum(weights))
     # The blend first, then each component sized to hold what the blend takes from it: the margin alone can fall
     # short, because the even merge may take ceil(n * w) + 1 samples from a component whose 0.5% of n * w is
@@ -76,14 +100,15 @@ def _blend(
     indices = build_blending_indices(weights, num_samples, seed)
     taken = np.bincount(indices[0], minlength=len(prefixes))
     components = [
-        GPTDataset(
+        _dataset(
             IndexedDataset(prefix),
             f"{split_name}_{i}",
             max(1, math.ceil(num_samples * w / total * _BLEND_MARGIN), int(taken[i])),
             seq_length,
             seed,
-            cache_dir=cache_dir,
-            labels=label,
+            cache_dir,
+            label,
+            packing,
         )
         for i, (prefix, w, label) in enumerate(zip(prefixes, weights, labels))
     ]
@@ -109,6 +134,7 @@ def build_train_valid_test_datasets(
     valid_num_samples: int = 0,
     test_num_samples: int = 0,
     cache_dir: str | None = None,
+    packing: Packing = Packing(),
 ) -> tuple[Any | None, Any | None, Any | None]:
     """(train, valid, test) datasets; a split with no data or no requested samples is None.
 
@@ -133,7 +159,7 @@ def build_train_valid_test_datasets(
                 raise ValueError(empty_data_message(f"train split {split!r} (documents [{start}, {end}))",
                                                     [indexed], len(ids)))
             out.append(
-                GPTDataset(indexed, name, n, seq_length, seed, document_ids=ids, cache_dir=cache_dir)
+                _dataset(indexed, name, n, seq_length, seed, cache_dir, None, packing, document_ids=ids)
                 if n > 0 and has_tokens
                 else None
             )
@@ -144,7 +170,7 @@ def build_train_valid_test_datasets(
         raise ValueError("no training data: set data_path or train_data_paths")
     weights = (train_data_weights, valid_data_weights, test_data_weights)
     out = [
-        _blend(list(p), w, name, n, seq_length, seed, cache_dir, labels) if p and n > 0 else None
+        _blend(list(p), w, name, n, seq_length, seed, cache_dir, labels, packing) if p and n > 0 else None
         for name, p, w, n, labels in zip(_SPLIT_NAMES, paths, weights, num_samples, label_paths)
     ]
     return out[0], out[1], out[2]

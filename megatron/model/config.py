@@ -94,8 +94,9 @@ class LlamaConfig:
             fuse_pointwise=cfg.fuse_pointwise,
             gradient_accumulation_fusion=gradient_accumulation_fusion,
             eod_token_id=eod_token_id,
-            reset_position_ids=cfg.reset_position_ids,
-            reset_attention_mask=cfg.reset_attention_mask,
+            # Whole-document packing pads with EODs and needs each document (and padding token) kept apart.
+            reset_position_ids=cfg.reset_position_ids or cfg.resolved_pack_impl != "packed",
+            reset_attention_mask=cfg.reset_attention_mask or cfg.resolved_pack_impl != "packed",
             fp8_recipe=cfg.fp8.recipe if cfg.fp8 else None,
             fp8_emulate=bool(cfg.fp8 and cfg.fp8.emulate),
         )

@@ -280,13 +280,18 @@ class OutputLayer(torch.nn.Module):
         return logits
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, fuse: bool = False) -> torch.Tensor:
-    """Mean cross-entropy over positions whose label is not -100 (SFT masks prompts that way).
+def causal_lm_loss(logits: torch.Tensor, labels, fuse: bool = False) -> torch.Tensor:
+    """Cross-entropy summed over positions whose label is not -100 (SFT masks prompts that way), divided by
+    the step's divisor when `labels` is (labels, divisor) — training: the per-token loss over the global batch,
+    see megatron/data/lm_batches.py — and else by the micro-batch's own count of such positions (evaluation).
 
     With TP > 1, megatron-core's vocab-parallel cross-entropy reduces over the TP ranks, so the full logits are
     never gathered; with TP 1 on a GPU the logits are whole and a two-pass kernel does the same maths (kernels.py).
     On CPU megatron-core's version is used throughout: eager, the two-pass kernel is 3x slower there.
     """
+    divisor = None
+    if isinstance(labels, (tuple, list)):
+        labels, divisor = labels
     mask = labels.ne(-100)
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
     if parallel_state.get_tensor_model_parallel_world_size() == 1 and logits.is_cuda:
@@ -294,7 +299,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, fuse: bool = Fals
     else:
         losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe_labels)
     mask = mask.to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    if divisor is None:
+        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    return (losses * mask).sum() / divisor.to(losses.device, losses.dtype)
 
 
 def make_loss_fn(cfg: LlamaConfig):

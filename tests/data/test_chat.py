@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from data_helpers import load_tool
 
-from megatron.data.chat import IGNORE_INDEX, ChatEncoder, ConversationError, parse_conversation
+from megatron.data.chat import IGNORE_INDEX, ChatEncoder, ConversationError, parse_conversation, parse_record
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.tokenizer import default_llama3_tokenizer_path
 
@@ -168,13 +168,13 @@ def test_written_files_read_back_with_megatron_core(tmp_path, encoder, capsys):
 
 BAD_LINES = [
     (b'{"messages": [{"role": "user", "content": "unterminated', "malformed JSON"),
-    ({"conversation": []}, "no key 'messages'"),
+    ({"conversation": []}, "unknown record shape (keys: 'conversation'); expected 'messages' (OpenAI messages)"),
     ({"messages": "hello"}, "'messages' is a str, not a list"),
     ({"messages": [{"role": "bot", "content": "x"}, msg("assistant", "y")]}, "messages[0] has role 'bot'"),
     ({"messages": [msg("user", "x"), {"role": "assistant", "content": 3}]}, "messages[1] (assistant) content is a int"),
     ({"messages": [msg("user", "x"), {"role": "assistant"}]}, "messages[1] (assistant) content is a null"),
     ({"messages": [msg("system", "s"), msg("user", "no answer")]}, "has no assistant message"),
-    ({"messages": []}, "has no assistant message"),
+    ({"messages": []}, "'messages' is empty"),
     ({"messages": ["user: hi"]}, "messages[0] is a str, not an object"),
     (b'["not", "an", "object"]', "not a JSON object"),
     (b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\\ud800"}]}',
@@ -199,7 +199,7 @@ def test_skip_bad_counts_and_reports_every_bad_line(tmp_path, encoder, capsys):
     assert run_tool(["--input", path, "--output-prefix", str(tmp_path / "out"), "--skip-bad"]) == 0
     stats = json.load(open(tmp_path / "out_messages_document.stats.json"))
     assert stats["skipped"] == len(BAD_LINES) and stats["conversations"] == 2
-    assert stats["bad_records"]["no_assistant_turn"] == 2
+    assert stats["bad_records"]["no_assistant_turn"] == 1 and stats["bad_records"]["empty_conversation"] == 1
     for i, (_, reason) in enumerate(BAD_LINES):
         example = stats["bad_record_examples"][i]
         assert example.startswith(f"{path}:{i + 2}: ") and reason in example, (example, reason)
@@ -229,3 +229,104 @@ def test_missing_input_is_named_and_nothing_is_written(tmp_path, capsys):
     assert run_tool(["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- input formats: ShareGPT (OpenHermes-2.5) and Llama-Nemotron post-training rows ------------------------------
+SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt", "ipython": "tool", "tool": "tool"}
+
+
+def sharegpt_row(conversation):
+    return {"conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in conversation],
+            "source": "airoboros2.2"}
+
+
+def nemotron_dialog(reasoning="on"):
+    return [msg("system", f"detailed thinking {reasoning}"), msg("user", "Why do pulsars pulse?"),
+            msg("assistant", "<think>\nBeams sweep past us.\n</think>\n\nTheir beams sweep across Earth.")]
+
+
+def nemotron_row_list(reasoning="on"):
+    """Llama-Nemotron-Post-Training-Dataset v1.1 shape: `input` a message list."""
+    dialog = nemotron_dialog(reasoning)
+    return {"input": [dialog[1]], "output": dialog[2]["content"], "system_prompt": dialog[0]["content"],
+            "reasoning": reasoning, "category": "science", "license": "cc-by-4.0"}
+
+
+def nemotron_row_string(reference, reasoning="off"):
+    """v1 shape: `input` is the prompt with the Llama-3 template applied (rendered here by llama-models), and
+    `output` ends with <|eot_id|>."""
+    dialog = nemotron_dialog(reasoning)
+    prompt = reference.tokenizer.decode(reference.encode_dialog_prompt(raw_messages(dialog[:2])).tokens)
+    return {"input": prompt, "output": dialog[2]["content"] + "<|eot_id|>", "system_prompt": dialog[0]["content"],
+            "reasoning": reasoning}
+
+
+@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
+def test_sharegpt_rows_encode_like_llama_models(reference, encoder, index):
+    conversation = CONVERSATIONS[index]
+    for fmt in ("sharegpt", "auto"):
+        tokens, labels = encoder.encode(parse_record(sharegpt_row(conversation), fmt))
+        ref_tokens, ref_labels = reference_labels(reference, conversation, set(assistant_indices(conversation)))
+        assert tokens.tolist() == ref_tokens and labels.tolist() == ref_labels
+
+
+def test_nemotron_rows_both_input_shapes(reference, encoder, llama3):
+    for reasoning in ("on", "off"):
+        dialog = nemotron_dialog(reasoning)
+        ref_tokens, ref_labels = reference_labels(reference, dialog, {2})
+        for row in (nemotron_row_list(reasoning), nemotron_row_string(reference, reasoning)):
+            pairs = parse_record(row)
+            assert pairs[0] == ("system", f"detailed thinking {reasoning}")  # the system prompt comes first
+            tokens, labels = encoder.encode(pairs)
+            assert tokens.tolist() == ref_tokens and labels.tolist() == ref_labels
+            kept = labels != IGNORE_INDEX  # the reply with its <think> block, then <|eot_id|>
+            assert llama3.decode(tokens[kept]) == dialog[2]["content"] + "<|eot_id|>"
+    # Without system_prompt, `reasoning` names the system turn; a system turn already in `input` is kept.
+    row = {**nemotron_row_list("on"), "system_prompt": None}
+    assert parse_record(row)[0] == ("system", "detailed thinking on")
+    row = {**nemotron_row_list("on"), "input": [msg("system", "Be terse."), msg("user", "Hi")]}
+    assert [r for r, _ in parse_record(row)] == ["system", "user", "assistant"] and parse_record(row)[0][1] == \
+        "Be terse."
+
+
+NEW_FORMAT_BAD = [
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0] has from 'bot'"),
+    ({"conversations": [{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "y"}]},
+     "conversations[0] (user) content is a list"),
+    ({"conversations": []}, "'conversations' is empty"),
+    ({"conversations": [{"from": "human", "value": "only a question"}]}, "has no assistant message"),
+    ({"input": [msg("user", "x")], "output": 3}, "'output' is a int, not a string"),
+    ({"input": "User: hi", "output": "x"}, "'input' is a string but not Llama-3 chat turns"),
+    ({"input": [], "output": "x"}, "'input' is empty"),
+    ({"prompt": "x", "completion": "y"}, "unknown record shape (keys: 'prompt', 'completion')"),
+]
+
+
+def test_mixed_formats_through_the_tool_and_bad_rows_named(tmp_path, reference, encoder, capsys):
+    rows = [{"messages": CONVERSATIONS[0]}, sharegpt_row(CONVERSATIONS[1]), nemotron_row_list("on"),
+            nemotron_row_string(reference, "off")]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    assert run_tool(["--input", path, "--output-prefix", str(tmp_path / "out")]) == 0
+    docs = IndexedDataset(str(tmp_path / "out_messages_document"))
+    labels = IndexedDataset(str(tmp_path / "out_messages_label_document"))
+    dialogs = [CONVERSATIONS[0], CONVERSATIONS[1], nemotron_dialog("on"), nemotron_dialog("off")]
+    assert len(docs) == 4
+    for i, dialog in enumerate(dialogs):
+        ref_tokens, ref_labels = reference_labels(reference, dialog, set(assistant_indices(dialog)))
+        assert docs[i].tolist() == ref_tokens and labels[i].tolist() == ref_labels
+    # Each bad row of the new shapes stops the run at its FILE:LINE with nothing written; --skip-bad counts them.
+    (tmp_path / "bad").mkdir()
+    for line, reason in NEW_FORMAT_BAD:
+        bad = write_jsonl(tmp_path / "bad" / "in.jsonl", [rows[0], line])
+        assert run_tool(["--input", bad, "--output-prefix", str(tmp_path / "bad" / "o")]) == 1
+        err = capsys.readouterr().err
+        assert f"{bad}:2: " in err and reason in err, (err, reason)
+        assert os.listdir(tmp_path / "bad") == ["in.jsonl"]
+    path = write_jsonl(tmp_path / "skip.jsonl", [line for line, _ in NEW_FORMAT_BAD] + rows)
+    assert run_tool(["--input", path, "--output-prefix", str(tmp_path / "skip"), "--skip-bad"]) == 0
+    stats = json.load(open(tmp_path / "skip_messages_document.stats.json"))
+    assert stats["skipped"] == len(NEW_FORMAT_BAD) and stats["conversations"] == 4
+    # A forced format refuses the other shapes.
+    path = write_jsonl(tmp_path / "forced.jsonl", [rows[0]])
+    assert run_tool(["--input", path, "--output-prefix", str(tmp_path / "f"), "--format", "sharegpt"]) == 1
+    assert "no key 'conversations'" in capsys.readouterr().err

@@ -110,6 +110,7 @@ def test_trainer_builds_enough_data_for_a_resume_with_a_smaller_global_batch(tmp
     from types import SimpleNamespace
 
     import megatron.trainer as trainer_mod
+    from megatron.data.lm_batches import GlobalTokenBatches
 
     prefix = write_dataset(str(tmp_path / "d"), random_docs(40, seed=1))
     cfg = SimpleNamespace(
@@ -117,7 +118,7 @@ def test_trainer_builds_enough_data_for_a_resume_with_a_smaller_global_batch(tmp
         valid_data_weights=None, test_data_paths=None, test_data_weights=None, data_path=None, split="969,30,1",
         seq_length=SEQ, seed=1, eval_iters=0, data_cache_dir=str(tmp_path / "c"), train_micro_batch_size_per_gpu=1,
         num_workers=0, eod_mask_loss=False, train_label_data_paths=None, valid_label_data_paths=None,
-        test_label_data_paths=None)
+        test_label_data_paths=None, gradient_accumulation_steps=1, resolved_pack_impl="packed")
     printed = []
     loaders = []
 
@@ -126,8 +127,12 @@ def test_trainer_builds_enough_data_for_a_resume_with_a_smaller_global_batch(tmp
         return loaders[-1]
 
     monkeypatch.setattr(trainer_mod, "make_data_loader", recording_loader)
-    fake = SimpleNamespace(cfg=cfg, epoch_data=None, iteration=6, consumed_samples=48, global_batch=4,
-                           layout=SimpleNamespace(dp_rank=0, dp=4), sinks=SimpleNamespace(print=printed.append),
+    # No process group here: count each rank's loss tokens alone (the DP all-reduce is tested in test_sft_loss.py).
+    monkeypatch.setattr(trainer_mod, "GlobalTokenBatches", lambda batches, gas, dp, group: GlobalTokenBatches(
+        batches, gas, 1, group))
+    fake = SimpleNamespace(cfg=cfg, epoch_data=None, label_epochs=None, iteration=6, consumed_samples=48, global_batch=4,
+                           layout=SimpleNamespace(dp_rank=0, dp=4, mpu=lambda: SimpleNamespace(
+                               get_data_parallel_group=lambda: None)), sinks=SimpleNamespace(print=printed.append),
                            tokenizer=SimpleNamespace(eod_id=0))
     trainer_mod.Trainer._build_data(fake)
     assert len(loaders[0].dataset) == 64 and len(loaders[0]) == 4  # one micro-batch per step left on this rank

@@ -5,8 +5,14 @@ Example:
     python tools/datasets/preprocess_data_with_chat_template.py --input data/sft/chat.jsonl \\
         --output-prefix data/sft/chat --workers 4
 
-Each line is an object whose `messages` (--jsonl-key) is a list of {"role": "system" | "user" | "assistant" |
-"ipython" | "tool", "content": str}. One document per conversation goes to PREFIX_KEY_document.{bin,idx}
+Each line is one conversation in one of three shapes (--format, default auto: detected per record):
+  openai    `messages` (--jsonl-key) is a list of {"role": "system" | "user" | "assistant" | "ipython" | "tool",
+            "content": str};
+  sharegpt  `conversations` is a list of {"from": "system" | "human" | "gpt" | "tool", "value": str}
+            (OpenHermes-2.5, SlimOrca);
+  nemotron  Llama-Nemotron post-training rows: `input` (a message list, or a string with the Llama-3 template
+            applied), `output` (the assistant reply, <think>...</think> kept and trained), `system_prompt`
+            ("detailed thinking on" / "off": the system turn; else from `reasoning` "on" / "off"). One document per conversation goes to PREFIX_KEY_document.{bin,idx}
 (<|begin_of_text|>, then <|start_header_id|>ROLE<|end_header_id|>\\n\\nCONTENT<|eot_id|> per message, exactly as
 llama-models' ChatFormat renders it, then <|end_of_text|>), and its labels (int32, same lengths) to
 PREFIX_KEY_label_document.{bin,idx}: the token id on assistant content and its <|eot_id|>, -100 elsewhere.
@@ -51,7 +57,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     io = p.add_argument_group("input / output")
     io.add_argument("--input", action="append", required=True,
                     help="input file(s): .jsonl, .jsonl.gz, .jsonl.zst or .parquet; comma-separated or repeated")
-    io.add_argument("--jsonl-key", default="messages", help="key holding the list of messages (default: messages)")
+    io.add_argument("--jsonl-key", default="messages",
+                    help="key holding the OpenAI message list, also naming the outputs (default: messages)")
+    io.add_argument("--format", choices=chat.FORMATS, default="auto",
+                    help="record shape: openai, sharegpt, nemotron, or auto (detected per record; default)")
     io.add_argument("--output-prefix", required=True,
                     help="writes PREFIX_KEY_document.{bin,idx,stats.json} and PREFIX_KEY_label_document.{bin,idx}")
     io.add_argument("--vocab-file", default=None,
@@ -87,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if inputs is None:
         return 2
     options = chat.ChatOptions(key=args.jsonl_key, vocab_file=args.vocab_file, train_on=args.train_on,
-                               mask=args.mask, skip_bad=args.skip_bad)
+                               mask=args.mask, skip_bad=args.skip_bad, format=args.format)
     encoder = chat.init_worker(options)  # fail fast on a bad tokenizer file
     tokenizer = encoder.tokenizer
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
@@ -103,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar = stack.enter_context(tqdm(unit=" conv", unit_scale=True, mininterval=0.5, disable=not args.progress,
                                        desc="chat preprocess"))
         try:
-            chunks = plain.iter_chunks(inputs, [args.jsonl_key], args.chunk_size)
+            chunks = plain.iter_chunks(inputs, [args.jsonl_key, *chat.RECORD_KEYS], args.chunk_size)
             for result in plain.run_chunks(chunks, dtype, args.workers, process=chat.process_chunk):
                 token_writer.add_documents(result.tokens, result.lengths)
                 label_writer.add_documents(result.labels, result.lengths)
