@@ -78,19 +78,13 @@ def test_gpt_neox_mlp_formula():
     assert neox_swiglu_width(8192, 86016, None, 256) == (28672, 57344)  # Llama-3.1-70B written GPT-NeoX style
 
 
-def test_llama3_8b_sft_config_builds_8b_and_refuses_only_unpacked_samples(tmp_path, monkeypatch):
+def test_llama3_8b_sft_config_loads_unchanged_and_builds_8b(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tok = tmp_path / "checkpoints/neox_converted/llama3-8b-instruct/tokenizer/tokenizer.json"
     tok.parent.mkdir(parents=True)
     tiny_tokenizer(tok)
-    with pytest.raises(ConfigError) as err:
-        load_config([str(NEOX / "llama3_8b_sft.yml")], available_devices=8)
-    assert err.value.keys() == ["pack_impl"], err.value.format()
-    assert "reset_attention_mask" in err.value.issues[0].fix
-    raw = yaml.safe_load((NEOX / "llama3_8b_sft.yml").read_text())
-    del raw["pack_impl"]
-    loaded = load_config([str(write(tmp_path, "sft.yml", raw))], available_devices=8)
-    cfg = loaded.config
+    cfg = load_config([str(NEOX / "llama3_8b_sft.yml")], available_devices=8).config
+    assert cfg.pack_impl == "unpacked"  # upstream's value: one conversation per sample (megatron/data/packing.py)
     assert cfg.intermediate_size == 14336 and cfg.precision == "bf16" and cfg.log_phase_times
     assert params(cfg, 128256) == LLAMA3_8B
     assert cfg.tp == 4 and cfg.zero_optimization.stage == 1

@@ -194,14 +194,11 @@ TABLE: dict[str, Compat] = {
     "use_shared_fs": Compat((True,), "checkpoints are written to one shared file system", "use a shared file "
                             "system for save"),
     # ---- data ----
-    "pack_impl": Compat(("packed",), "samples are packed: documents concatenated to seq_length (document masking "
-                        "with reset_attention_mask / reset_position_ids)",
-                        "remove it: samples here are always packed; add reset_attention_mask: true and "
-                        "reset_position_ids: true so each conversation attends only to itself"),
     "dataset_impl": Compat(("gpt2",), "GPT-style next-token datasets", "remove it (only gpt2-style datasets)"),
     "train_impl": Compat(("normal",), "next-token training (CPT and SFT)", "remove it (DPO/KTO/RM/REINFORCE are "
                          "not implemented)"),
-    "allow_chopped": Compat(ANY, "only for pack_impl other than packed"),
+    "allow_chopped": Compat(ANY, "whole-document pack_impl modes cut an over-long conversation at its last message "
+                             "end that fits, or drop it, and count both (docs/data.md)"),
     "mmap_warmup": Compat(ANY, "datasets are memory-mapped without a warm-up read"),
     "weight_by_num_documents": _off("blend weights are taken as given (or by size when unset)",
                                     "remove it and leave train_data_weights unset to blend by size"),
@@ -557,7 +554,7 @@ eval_interval split vocab_file num_workers exit_interval attention_dropout hidde
 checkpoint_activations checkpoint_num_layers partition_activations reset_position_ids reset_attention_mask
 train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer fp16 bf16 gradient_clipping
 zero_optimization data_types hostfile include exclude num_nodes num_gpus master_port master_addr launcher
-no_ssh_check force_multi comment
+no_ssh_check force_multi comment pack_impl
 """.split())
 
 
