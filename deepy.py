@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = [os.path.join(args.conf_dir, c) if args.conf_dir else c for c in args.configs]
     gpus = cuda_device_count()
+    # generate.py is one process (its model may span a node's GPUs) validated by the generation rules.
+    generating = Path(args.script).name == "generate.py"
     try:
-        loaded = load_config(paths, available_devices=gpus or None)
+        loaded = load_config(paths, available_devices=gpus or None, purpose="generate" if generating else "train")
     except ConfigError as err:
         print(err.format(), file=sys.stderr)
         return 2
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     config_path = save_resolved(cfg, run_dir / "config.yml")
     print(f"resolved config: {config_path}")
     cmd = runner_command(cfg, args.script, config_path.resolve(), run_dir.resolve(), gpus)
+    if generating:
+        cmd = [sys.executable, "-u", args.script, "--config", str(config_path.resolve()), "--run-dir",
+               str(run_dir.resolve())]
     print("launch: " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0

@@ -53,7 +53,7 @@ class ModelLoadError(ValueError):
 class LoadedModel:
     """A model ready for `generate`, with what the tools need to prompt it and to know where it stops."""
 
-    model: "torch.nn.Module"  # transformers LlamaForCausalLM (any AutoModelForCausalLM for an HF folder), eval mode
+    model: Optional["torch.nn.Module"]  # transformers LlamaForCausalLM (any AutoModelForCausalLM for an HF folder), eval mode
     tokenizer: object  # megatron.data.tokenizer.Tokenizer: encode() without BOS, decode(), bos_id, eod_id
     kind: str  # "checkpoint" | "hf"
     chat: bool  # an assistant model: stops at <|eot_id|>, prompts use the Llama-3.1 chat format
@@ -66,7 +66,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the inputs go (the embedding's device when the model is spread over GPUs)."""
+        return self.model.get_input_embeddings().weight.device
 
 
 def _dtype(dtype) -> Optional[torch.dtype]:
@@ -101,22 +102,25 @@ def model_kind(path: Union[str, Path]) -> str:
 
 
 def load_model(path: Union[str, Path], *, device: str = "cpu", dtype=None, step: Optional[int] = None,
-               chat: Optional[bool] = None, log: Callable[[str], None] = lambda msg: None) -> LoadedModel:
+               chat: Optional[bool] = None, weights: bool = True,
+               log: Callable[[str], None] = lambda msg: None) -> LoadedModel:
     """Load `path` (checkpoint root / tag folder, or HF folder) for generation. `device`: "cpu", "cuda",
     "cuda:N", or "auto" (spread over all GPUs, needs `accelerate`). `dtype`: None keeps the stored weights' dtype;
     "bf16"/"fp16"/"fp32" or a torch.dtype casts. `step`: a checkpoint's iteration (default: newest complete).
-    `chat`: force the chat/base decision (see the module docstring). Raises ModelLoadError."""
+    `chat`: force the chat/base decision (see the module docstring). `weights=False`: everything but the model
+    (model None), for an engine that reads the weights itself (vLLM). Raises ModelLoadError."""
     kind = model_kind(path)
     torch_dtype = _dtype(dtype)
     if kind == "hf":
         if step is not None:
             raise ModelLoadError(f"{path} is a Hugging Face model folder: it has no steps; drop step={step} "
                                  "(--step) or pass a checkpoint folder")
-        loaded = _load_hf(Path(path), device, torch_dtype, chat)
+        loaded = _load_hf(Path(path), device, torch_dtype, chat, weights)
     else:
-        loaded = _load_checkpoint(Path(path), device, torch_dtype, step, chat, log)
-    loaded.model.eval()
-    loaded.model.generation_config.eos_token_id = list(loaded.eos_token_ids) or None
+        loaded = _load_checkpoint(Path(path), device, torch_dtype, step, chat, log, weights)
+    if loaded.model is not None:
+        loaded.model.eval()
+        loaded.model.generation_config.eos_token_id = list(loaded.eos_token_ids) or None
     return loaded
 
 
@@ -179,7 +183,8 @@ def _as_list(x) -> list[int]:
     return [int(i) for i in (x if isinstance(x, (list, tuple)) else [x])]
 
 
-def _load_hf(path: Path, device: str, dtype: Optional[torch.dtype], chat: Optional[bool]) -> LoadedModel:
+def _load_hf(path: Path, device: str, dtype: Optional[torch.dtype], chat: Optional[bool],
+             weights: bool = True) -> LoadedModel:
     import transformers
 
     try:
@@ -198,15 +203,17 @@ def _load_hf(path: Path, device: str, dtype: Optional[torch.dtype], chat: Option
     if chat is not None or not eos:
         eos = _eos_ids(tokenizer, vocab, is_chat)
     kwargs = {"dtype": dtype or "auto"}
-    if device == "auto":
+    model = None
+    if weights and device == "auto":
         _need_accelerate(path)
         kwargs["device_map"] = "auto"
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"{path}: transformers cannot load this model ({type(e).__name__}: {e})") from None
-    if device != "auto":
-        model.to(device)
+    if weights:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{path}: transformers cannot load this model ({type(e).__name__}: {e})") from None
+        if device != "auto":
+            model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, kind="hf", chat=is_chat, eos_token_ids=eos,
                        source=str(path), step=None, max_length=int(config.get("max_position_embeddings") or 0),
                        vocab_size=vocab)
@@ -231,7 +238,7 @@ def _trained_as_chat(tag_dir: Path) -> bool:
 
 
 def _load_checkpoint(path: Path, device: str, dtype: Optional[torch.dtype], step: Optional[int],
-                     chat: Optional[bool], log: Callable[[str], None]) -> LoadedModel:
+                     chat: Optional[bool], log: Callable[[str], None], weights: bool = True) -> LoadedModel:
     import transformers
 
     from megatron.checkpoint.convert import HF_DTYPE_NAMES, hf_out_config, iter_hf_tensors, open_neox_checkpoint
@@ -256,6 +263,11 @@ def _load_checkpoint(path: Path, device: str, dtype: Optional[torch.dtype], step
     out_dtype = dtype or ckpt.dtype
     if out_dtype not in HF_DTYPE_NAMES:
         raise ModelLoadError(f"{ckpt.tag_dir}: the weights are {ckpt.dtype}; pass --dtype bf16 or fp32")
+    common = dict(tokenizer=tokenizer, kind="checkpoint", chat=is_chat,
+                  eos_token_ids=_eos_ids(tokenizer, vocab, is_chat), source=str(ckpt.tag_dir), step=ckpt.iteration, max_length=keys["max_position_embeddings"],
+                  vocab_size=vocab, extra={"tp": ckpt.tp, "keys": keys})
+    if not weights:
+        return LoadedModel(model=None, **common)
     config_dict, _ = hf_out_config(ckpt, HF_DTYPE_NAMES[out_dtype])
     config = transformers.LlamaConfig(**{k: v for k, v in config_dict.items()
                                          if k not in ("architectures", "transformers_version")})
@@ -280,7 +292,4 @@ def _load_checkpoint(path: Path, device: str, dtype: Optional[torch.dtype], step
 
         model = dispatch_model(model, infer_auto_device_map(model, no_split_module_classes=["LlamaDecoderLayer"]))
     log(f"loaded {ckpt.tag_dir} (TP {ckpt.tp}, step {ckpt.iteration}) as LlamaForCausalLM in {out_dtype}")
-    return LoadedModel(model=model, tokenizer=tokenizer, kind="checkpoint", chat=is_chat,
-                       eos_token_ids=_eos_ids(tokenizer, vocab, is_chat), source=str(ckpt.tag_dir),
-                       step=ckpt.iteration, max_length=keys["max_position_embeddings"], vocab_size=vocab,
-                       extra={"tp": ckpt.tp, "keys": keys})
+    return LoadedModel(model=model, **common)
