@@ -4,7 +4,8 @@
   * input-file: one prompt per line of a file (a JSON object {"prompt": text} or {"messages": [...]}, or a plain
     text line) -> one JSON object per line of the output file, in input order:
       {"prompt", "messages"?, "output" (the whole reply, reasoning included), "answer" (what follows </think>, or
-       the whole reply), "reasoning" (the text between <think> and </think>, or null), "tokens", "seconds", "stop"}
+       the whole reply), "reasoning" (the text between <think> and </think>, or null), "tokens" (generated, the
+       stop token included), "seconds" (of its batch), "stop" ("eos" | "length"), "ids" (the reply's token ids)}
     Every prompt is encoded and checked (context, vocabulary) before the first token is generated, and the file is
     written to a temporary name and renamed at the end: a bad input leaves nothing half-written. A tqdm bar shows
     progress; a tokens/s line ends the run.
@@ -121,7 +122,7 @@ def record(prompt: Prompt, c: Completion, reasoning_prefilled: bool) -> dict:
     if prompt.messages is not None:
         out["messages"] = prompt.messages
     out.update({"output": full, "answer": answer, "reasoning": reasoning, "tokens": c.tokens,
-                "seconds": round(c.seconds, 4), "stop": c.stop})
+                "seconds": round(c.seconds, 4), "stop": c.stop, "ids": c.ids})
     return out
 
 
