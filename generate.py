@@ -48,10 +48,10 @@ def main() -> int:
         print(e.format("nothing was generated"), file=sys.stderr, flush=True)
         return 2
 
-    from megatron.inference.chat import PromptError
-    from megatron.inference.engine import Sampling, make_engine
-    from megatron.inference.loading import ModelLoadError, load_model
-    from megatron.inference.run import (
+    from megatron.generation.chat import PromptError
+    from megatron.generation.engine import Sampling, make_engine
+    from megatron.generation.loading import ModelLoadError, load_model
+    from megatron.generation.run import (
         InputFileError, Options, generate_file, interactive, read_prompts, unconditional_prompts, use_chat)
 
     opts = Options(sampling=Sampling(max_new_tokens=cfg.maximum_tokens, temperature=cfg.temperature,

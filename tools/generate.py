@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_args(p, args)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    from megatron.inference.chat import PromptError
-    from megatron.inference.engine import Sampling, make_engine
-    from megatron.inference.loading import ModelLoadError, load_model
-    from megatron.inference.run import InputFileError, Options, Prompt, device_default, generate_file, interactive
-    from megatron.inference.run import read_prompts, record, encode, use_chat
+    from megatron.generation.chat import PromptError
+    from megatron.generation.engine import Sampling, make_engine
+    from megatron.generation.loading import ModelLoadError, load_model
+    from megatron.generation.run import InputFileError, Options, Prompt, device_default, generate_file, interactive
+    from megatron.generation.run import read_prompts, record, encode, use_chat
 
     opts = Options(sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, top_k=args.top_k, seed=args.seed,

@@ -448,7 +448,7 @@ def open_neox_checkpoint(input_dir: str | Path, iteration: Optional[int] = None,
 def iter_hf_tensors(ckpt: NeoxCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) of every weight, spec by spec in Meta's order: each spec's TP shards are loaded,
     checked against the shapes the conversion map implies, merged, and dropped before the next spec. Shared by the
-    HF export (`neox_to_hf`) and the in-memory inference loader (megatron/inference/loading.py)."""
+    HF export (`neox_to_hf`) and the in-memory inference loader (megatron/generation/loading.py)."""
     tag_dir, cfg, tp, meta = ckpt.tag_dir, ckpt.cfg, ckpt.tp, ckpt.meta
     L = ckpt.keys["num_layers"]
     for spec in range(L + 3):

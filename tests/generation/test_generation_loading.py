@@ -1,4 +1,4 @@
-"""megatron/inference: a checkpoint of this trainer (converted from a random HF Llama at TP 2 x PP 2) and an HF
+"""megatron/generation: a checkpoint of this trainer (converted from a random HF Llama at TP 2 x PP 2) and an HF
 folder load into transformers' LlamaForCausalLM with the source's logits; chat prompts equal llama-models'
 ChatFormat token for token; bad paths raise ModelLoadError naming the path. All in this process, ~10 s."""
 
@@ -16,9 +16,9 @@ transformers = pytest.importorskip("transformers")
 from hf_reference import tiny_hf_llama  # noqa: E402
 from megatron.checkpoint import hf_config, metadata  # noqa: E402
 from megatron.checkpoint.convert import hf_to_neox, neox_to_hf  # noqa: E402
-from megatron.inference.chat import (  # noqa: E402
+from megatron.generation.chat import (  # noqa: E402
     REASONING_SYSTEM, PromptError, chat_prompt_ids, split_reasoning)
-from megatron.inference.loading import ModelLoadError, load_model  # noqa: E402
+from megatron.generation.loading import ModelLoadError, load_model  # noqa: E402
 
 QUIET = dict(progress=False, log=lambda msg: None)
 VOCAB = hf_config.LLAMA3_VOCAB_SIZE
@@ -26,7 +26,7 @@ VOCAB = hf_config.LLAMA3_VOCAB_SIZE
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("inference_loading")
+    return tmp_path_factory.mktemp("generation_loading")
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,25 @@ def test_bad_paths_raise_model_load_error_naming_the_path(work, checkpoint):
         load_model(checkpoint, step=7)
     with pytest.raises(ModelLoadError, match="no steps"):
         load_model(work / "hf", step=3)
+
+
+def test_an_sft_checkpoint_is_a_chat_model(work, checkpoint):
+    """Trained on label datasets (loss on assistant tokens): a chat model that stops at <|eot_id|>."""
+    sft = work / "sft"
+    shutil.copytree(checkpoint, sft)
+    (sft / "global_step0" / "config.yml").write_text("train_label_data_paths: [data/sft_label]\n")
+    lm = load_model(sft)
+    assert lm.chat and lm.eos_token_ids == [128001, 128008, 128009]
+    assert lm.model.generation_config.eos_token_id == [128001, 128008, 128009]
+    assert not load_model(sft, chat=False).chat
+
+
+def test_the_trainer_does_not_import_the_generation_package():
+    import subprocess
+
+    code = ("import sys, megatron.trainer; "
+            "print([m for m in sys.modules if m.startswith('megatron.generation')])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

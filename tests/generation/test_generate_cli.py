@@ -267,9 +267,9 @@ def test_interactive_chat_keeps_the_history_as_llama_models_renders_it(scripted)
     from llama_models.llama3.chat_format import ChatFormat
     from llama_models.llama3.tokenizer import Tokenizer
 
-    from megatron.inference.engine import HFEngine
-    from megatron.inference.loading import load_model
-    from megatron.inference.run import Options, interactive
+    from megatron.generation.engine import HFEngine
+    from megatron.generation.loading import load_model
+    from megatron.generation.run import Options, interactive
 
     lm = load_model(scripted["chat"])
     seen = []
@@ -324,7 +324,7 @@ def test_bad_inputs_exit_2_with_one_message_and_write_nothing(work, scripted):
 
 
 def test_prompt_files_name_the_bad_line(work):
-    from megatron.inference.run import InputFileError, read_prompts
+    from megatron.generation.run import InputFileError, read_prompts
 
     path = work / "mixed.txt"
     path.write_text('plain text prompt\n\n{"prompt": "json"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
-from megatron.inference.chat import (
+from megatron.generation.chat import (
     THINK_PREFILL, PromptError, chat_messages, chat_prompt_ids, completion_prompt_ids, split_reasoning)
-from megatron.inference.engine import Completion, Sampling, check_prompts
-from megatron.inference.loading import LoadedModel
+from megatron.generation.engine import Completion, Sampling, check_prompts
+from megatron.generation.loading import LoadedModel
 
 
 class InputFileError(ValueError):

@@ -1,6 +1,6 @@
 """Load a model to talk to: a checkpoint folder of this trainer (any TP/PP/step) or a Hugging Face model folder.
 
-    from megatron.inference.loading import load_model, ModelLoadError
+    from megatron.generation.loading import load_model, ModelLoadError
     lm = load_model("checkpoints/astrosage70b_sft")          # newest complete step; step=N for another
     lm.model      # transformers LlamaForCausalLM, eval mode, on `device`
     lm.tokenizer  # megatron.data.tokenizer.Tokenizer (Llama3Tokenizer for the Llama-3 vocabulary)
@@ -25,7 +25,8 @@ at <|end_of_text|> only.
 
 Every user error (a folder that is neither, a checkpoint whose config is missing, a missing file, a vocabulary the
 tokenizer cannot serve) raises `ModelLoadError`, whose message names the path and the fix; the tools print it
-and exit 2 without a traceback. This package is for tools only: the trainer never imports it.
+and exit 2 without a traceback. This package is for tools only: the trainer never imports it. (It is not
+`megatron/inference`: that name belongs to Megatron-LM, see tests/test_imports.py.)
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron.inference.chat import PromptError
-from megatron.inference.loading import LoadedModel
+from megatron.generation.chat import PromptError
+from megatron.generation.loading import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Prompts for generation: the Llama-3.1 chat format (token for token llama-models' `ChatFormat`), the AstroSage
 reasoning switch, and splitting a reply into its reasoning and its answer.
 
-    from megatron.inference.chat import chat_prompt_ids, split_reasoning
+    from megatron.generation.chat import chat_prompt_ids, split_reasoning
     ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "What is a quasar?"}],
                           system="You are an astronomer.")          # ends with the assistant header
     ids = chat_prompt_ids(tokenizer, messages, reasoning=True)       # + system "detailed thinking on", "<think>\\n"
