@@ -150,3 +150,24 @@ def test_the_trainer_does_not_import_the_generation_package():
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_top_k_1_sampling_is_greedy_and_a_seed_repeats_a_sample(checkpoint, source):
+    """The engine passes the sampling options through to transformers' generate: top-k 1 at any temperature is
+    the greedy choice, a seed reproduces a sample, and greedy equals transformers' own greedy on the source model."""
+    from megatron.generation.engine import HFEngine, Sampling
+
+    lm = load_model(checkpoint)
+    engine = HFEngine(lm, batch_size=2)
+    prompts = [[128000, 791, 7160, 374], [128000, 40]]
+    greedy = engine.generate(prompts, Sampling(max_new_tokens=12))
+    assert [c.ids for c in engine.generate(prompts, Sampling(max_new_tokens=12, temperature=0.9, top_k=1,
+                                                                seed=1))] == [c.ids for c in greedy]
+    a = engine.generate(prompts, Sampling(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=7))
+    b = engine.generate(prompts, Sampling(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=7))
+    assert [c.ids for c in a] == [c.ids for c in b] and [c.ids for c in a] != [c.ids for c in greedy]
+    model, _ = source
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompts[0]]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, 4:].tolist()
+    assert greedy[0].ids == ref and greedy[0].stop == "length" and greedy[0].tokens == 12
