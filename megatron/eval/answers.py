@@ -1,7 +1,7 @@
 """The answer letter in an instruct model's reply to the appendix B prompt.
 
 The prompt asks for {"ANSWER": "...", "EXPLANATION": "..."}. The parser takes, in order:
-1. with reasoning on, only the answer after </think> (megatron.inference.chat.split_reasoning; a reply still
+1. with reasoning on, only the answer after </think> (megatron.generation.chat.split_reasoning; a reply still
    thinking has none);
 2. the first JSON object in the reply (text before it is allowed) that has an ANSWER key (any case);
 3. else a regex over the text: a quoted ANSWER value ('"answer": "B"' in JSON that does not parse, e.g. with an
@@ -48,7 +48,7 @@ def _json_answer(text: str):
 def parse_answer(text: str, reasoning: bool = False) -> Optional[str]:
     """The letter A-D the reply gives, or None (unparseable)."""
     if reasoning:  # the reply continues the "<think>\n" prefill: keep what follows </think> ("" if it never closed)
-        from megatron.inference.chat import split_reasoning
+        from megatron.generation.chat import split_reasoning
 
         text = split_reasoning(text, prefilled=True)[1]
     found, letter = _json_answer(text)

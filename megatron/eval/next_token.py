@@ -1,9 +1,10 @@
 """The next-token method (appendices C and section V.C): one forward pass per question, the answer is the letter
 whose token has the highest logit at the position after "Answer:".
 
-Everything here works on token ids and a `last_logits(batch of id lists) -> [B, vocab] tensor` function, so the
-same code scores an HF model (`hf_last_logits`, the standalone tool and lm-eval) and the training model itself
-(megatron/eval/in_training.py): the two cannot drift apart.
+Everything here works on token ids and a `candidate_logits(batch of id lists, ids) -> ([B, len(ids)] logits at
+those ids, [B] log-sum-exp over the whole vocabulary)` function at each prompt's last position, so the same code
+scores an HF model (`hf_candidate_logits`: the standalone tool) and the training model at any TP/PP
+(megatron/eval/in_training.py, where the full logits are never gathered): the two cannot drift apart.
 
 Letter spelling. A tokenizer may spell the answer "A" or " A" (Llama-3: "Answer: B" is "Answer", ":", " B"). As
 the paper does, the spelling is found per model rather than assumed: the prompts built from the shots alone (the
@@ -21,7 +22,7 @@ import torch
 from megatron.eval.prompts import LETTERS, next_token_prompt
 
 SPELLINGS = {"letter": tuple(LETTERS), "space-letter": tuple(" " + x for x in LETTERS)}
-LastLogits = Callable[[list[list[int]]], torch.Tensor]
+CandidateLogits = Callable[[list[list[int]], list[int]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def letter_token_ids(tokenizer) -> dict[str, list[int]]:
@@ -41,7 +42,7 @@ def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
     """Base model: BOS + the prompt. Instruct model (instruct-next-token): the prompt is the whole user turn of a
     Llama-3.1 chat, followed by the assistant header, so the letter is the first token of the assistant's reply."""
     if chat:
-        from megatron.inference.chat import chat_prompt_ids
+        from megatron.generation.chat import chat_prompt_ids
 
         return chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
     bos = getattr(tokenizer, "bos_id", None)
@@ -53,54 +54,58 @@ def probe_prompts(shots: Sequence[tuple]) -> list[str]:
     return [next_token_prompt(q, o, shots[:i]) for i, (q, o, _) in enumerate(shots[:2])]
 
 
-def choose_spelling(last_logits: LastLogits, tokenizer, shots, chat: bool) -> tuple[str, dict[str, float]]:
+def choose_spelling(candidate_logits: CandidateLogits, tokenizer, shots, chat: bool) -> tuple[str, dict]:
     candidates = letter_token_ids(tokenizer)
-    logits = last_logits([prompt_ids(tokenizer, p, chat) for p in probe_prompts(shots)]).float()
-    probs = torch.softmax(logits, dim=-1)
-    masses = {name: float(probs[:, ids].sum()) for name, ids in candidates.items()}
+    names = list(candidates)
+    flat = [i for name in names for i in candidates[name]]
+    logits, lse = candidate_logits([prompt_ids(tokenizer, p, chat) for p in probe_prompts(shots)], flat)
+    probs = (logits.float() - lse.float()[:, None]).exp()
+    masses = {name: float(probs[:, 4 * k:4 * k + 4].sum()) for k, name in enumerate(names)}
     return max(masses, key=lambda k: masses[k]), masses
 
 
-def letter_scores(logits: torch.Tensor, ids: list[int]) -> tuple[list[str], list[list[float]]]:
-    """Per row: the predicted letter (highest of the four logits; a tie goes to the earlier letter) and the four
-    letters' probabilities renormalised over the four."""
-    four = logits.float()[:, ids]
+def letter_scores(four: torch.Tensor) -> tuple[list[str], list[list[float]]]:
+    """Per row of the four letters' logits: the predicted letter (the highest; a tie goes to the earlier letter)
+    and the four letters' probabilities renormalised over the four."""
+    four = four.float()
     probs = torch.softmax(four, dim=-1)
     return [LETTERS[int(i)] for i in four.argmax(dim=-1)], probs.tolist()
 
 
-def hf_last_logits(model, pad_id: int = 0) -> LastLogits:
-    """last_logits for a transformers causal LM: right-padded batch (a causal model's real positions never see the
-    padding, and positions stay 0..len-1), the final norm's output gathered at each row's last real token, and
-    only those rows through the LM head (a [B, T, 128256] logits tensor would dwarf the model on long prompts)."""
+def hf_candidate_logits(model, pad_id: int = 0) -> CandidateLogits:
+    """candidate_logits for a transformers causal LM: right-padded batch (a causal model's real positions never
+    see the padding, and positions stay 0..len-1), the final norm's output gathered at each row's last real token,
+    and only those rows through the LM head (a [B, T, 128256] logits tensor would dwarf the model on long
+    prompts)."""
     device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def last_logits(batch: list[list[int]]) -> torch.Tensor:
+    def candidate_logits(batch: list[list[int]], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         lens = torch.tensor([len(x) for x in batch])
-        ids = torch.full((len(batch), int(lens.max())), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        tokens = torch.full((len(batch), int(lens.max())), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
         for i, x in enumerate(batch):
-            ids[i, :len(x)] = torch.tensor(x)
+            tokens[i, :len(x)] = torch.tensor(x)
             mask[i, :len(x)] = 1
-        hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden = model.model(input_ids=tokens.to(device), attention_mask=mask.to(device)).last_hidden_state
         last = hidden[torch.arange(len(batch), device=device), (lens - 1).to(device)]
-        return model.lm_head(last).float().cpu()
+        logits = model.lm_head(last).float()
+        return logits[:, ids].cpu(), logits.logsumexp(dim=-1).cpu()
 
-    return last_logits
+    return candidate_logits
 
 
 class NextTokenScorer:
     """Scores questions with the next-token method: `score(questions)` -> one record per question."""
 
-    def __init__(self, tokenizer, last_logits: LastLogits, shot_pool, chat: bool = False,
+    def __init__(self, tokenizer, candidate_logits: CandidateLogits, shot_pool, chat: bool = False,
                  spelling: Optional[str] = None):
-        self.tokenizer, self.last_logits, self.chat = tokenizer, last_logits, chat
+        self.tokenizer, self.candidate_logits, self.chat = tokenizer, candidate_logits, chat
         self.shot_pool = list(shot_pool)
         self.candidates = letter_token_ids(tokenizer)
         self.masses = None
         if spelling is None:
-            spelling, self.masses = choose_spelling(last_logits, tokenizer, self.shots_for(None), chat)
+            spelling, self.masses = choose_spelling(candidate_logits, tokenizer, self.shots_for(None), chat)
         self.spelling = spelling
         self.ids = self.candidates[spelling]
 
@@ -114,7 +119,7 @@ class NextTokenScorer:
         return prompt_ids(self.tokenizer, text, self.chat)
 
     def score(self, questions) -> list[dict]:
-        preds, probs = letter_scores(self.last_logits([self.prompt(q) for q in questions]), self.ids)
+        preds, probs = letter_scores(self.candidate_logits([self.prompt(q) for q in questions], self.ids)[0])
         return [{"id": q.id, "prediction": p, "probs": dict(zip(LETTERS, [round(x, 6) for x in pr])),
                  "answer": q.answer, "correct": None if q.answer is None else p == q.answer}
                 for q, p, pr in zip(questions, preds, probs)]

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reasoning", action="store_true",
                    help="instruct: AstroSage's reasoning switch; <think>...</think> is stripped before parsing")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="instruct: reply length limit")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="instruct: generation engine (vllm: GPU, needs vllm installed and an HF folder)")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output that holds another run")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
@@ -72,11 +74,12 @@ def build_scorer(args, loaded, pool):
     if args.method == "instruct":
         from megatron.eval.instruct import InstructScorer
 
-        return InstructScorer(loaded, max_new_tokens=args.max_new_tokens, reasoning=args.reasoning)
-    from megatron.eval.next_token import NextTokenScorer, hf_last_logits
+        return InstructScorer(loaded, max_new_tokens=args.max_new_tokens, reasoning=args.reasoning,
+                              backend=args.engine, batch_size=args.batch_size, model_path=args.model)
+    from megatron.eval.next_token import NextTokenScorer, hf_candidate_logits
 
     pad = loaded.eos_token_ids[0] if loaded.eos_token_ids else 0
-    return NextTokenScorer(loaded.tokenizer, hf_last_logits(loaded.model, pad), pool,
+    return NextTokenScorer(loaded.tokenizer, hf_candidate_logits(loaded.model, pad), pool,
                            chat=args.method == "instruct-next-token")
 
 
@@ -94,13 +97,14 @@ def main(argv=None) -> int:
     if args.method != "instruct":
         for q in questions:  # every question must have two shots other than itself, before anything is written
             shots_for(pool, q)
-    from megatron.inference.loading import load_model
+    from megatron.generation.loading import load_model
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # The instruct methods prompt a chat model: Llama-3.1 chat format, generation stops at <|eot_id|>.
     loaded = load_model(args.model, device=device, dtype=args.dtype, step=args.step,
-                        log=lambda m: print(m, file=sys.stderr))
+                        chat=True if args.method != "next-token" else None, log=lambda m: print(m, file=sys.stderr))
     name = Path(loaded.source).name if loaded.step is None else f"{Path(args.model).resolve().name}-{loaded.step}"
     out = Path(args.output or os.path.join("runs", "eval", f"{name}-{args.method}"))
     settings = settings_of(args, args.questions)
