@@ -226,21 +226,18 @@ def scripted(work, tok):
     return {"base": base, "chat": chat, "ckpt": ckpt}
 
 
-def test_chat_model_stops_at_eot_and_base_model_at_end_of_text(work, scripted):
-    chat = tool("--model", scripted["chat"], "--prompt", "Is M31 a galaxy?", "--max-new-tokens", 40)
-    assert chat.returncode == 0, chat.stderr[-3000:]
-    assert chat.stdout == REPLY + "\n"
-    assert "chat, stops at [128001, 128008, 128009]" in chat.stderr
-    assert f"generated {len(Llama3Tokenizer().encode(REPLY)) + 1} tokens" in chat.stderr  # the reply and <|eot_id|>
-
+def test_base_model_stops_at_end_of_text_not_at_eot(scripted):
+    """(The chat export stops at <|eot_id|>: see the next test, whose replies end there with stop "eos".)"""
     base = tool("--model", scripted["base"], "--prompt", "Question\n\n", "--max-new-tokens", 40)
     assert base.returncode == 0, base.stderr[-3000:]
     assert base.stdout == "Question\n\n" + REPLY + "<|eot_id|> tail\n"  # past <|eot_id|>, up to <|end_of_text|>
     assert "base: plain completion, stops at [128001]" in base.stderr
+    n = len(Llama3Tokenizer().encode(REPLY)) + 3  # the reply, <|eot_id|>, " tail", <|end_of_text|>
+    assert f"generated {n} tokens in" in base.stderr
     # The token budget bounds both: see the 32-token continuations of the trained checkpoint (stop "length").
 
 
-def test_reasoning_file_keeps_the_whole_reply_and_interactive_hides_it(work, scripted):
+def test_chat_model_stops_at_eot_reasoning_file_keeps_the_whole_reply_and_interactive_hides_it(work, scripted):
     (work / "questions.txt").write_text("Is M31 a galaxy?\n\nWhat is a quasar?\n")
     out = work / "reasoning.jsonl"
     proc = tool("--model", scripted["chat"], "--input-file", work / "questions.txt", "--output-file", out,
@@ -248,9 +245,11 @@ def test_reasoning_file_keeps_the_whole_reply_and_interactive_hides_it(work, scr
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["Is M31 a galaxy?", "What is a quasar?"]
+    n = len(Llama3Tokenizer().encode(REPLY)) + 1  # the reply and <|eot_id|>
     for r in records:
         assert r["output"] == "<think>\n" + REPLY and (r["reasoning"], r["answer"]) == ("I think so.", "B")
-        assert r["stop"] == "eos"
+        assert (r["stop"], r["tokens"], r["ids"][-1]) == ("eos", n, 33)  # stopped at <|eot_id|>, not after it
+    assert "chat, stops at [128001, 128008, 128009]" in proc.stderr
 
     # Interactive, two turns then /reset and a third: only the answers are shown.
     proc = tool("--model", scripted["chat"], "--reasoning", "--hide-reasoning",
