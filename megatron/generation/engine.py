@@ -169,7 +169,8 @@ class VLLMEngine:
             max_tokens=min(s.max_new_tokens, lm.max_length - len(p)) if lm.max_length else s.max_new_tokens,
             temperature=0.0 if s.greedy else s.temperature, top_p=s.top_p if 0 < s.top_p < 1 else 1.0,
             top_k=s.top_k if s.top_k > 0 else -1, seed=s.seed, stop_token_ids=list(lm.eos_token_ids),
-            ignore_eos=not lm.eos_token_ids, detokenize=False) for p in prompts]
+            # vLLM would also stop at the folder's own eos; ours are the rule (the same as HFEngine's)
+            ignore_eos=True, detokenize=False) for p in prompts]
         start = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], params, use_tqdm=False)
         seconds = time.perf_counter() - start
