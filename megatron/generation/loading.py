@@ -54,7 +54,8 @@ class ModelLoadError(ValueError):
 class LoadedModel:
     """A model ready for `generate`, with what the tools need to prompt it and to know where it stops."""
 
-    model: Optional["torch.nn.Module"]  # transformers LlamaForCausalLM (any AutoModelForCausalLM for an HF folder), eval mode
+    # transformers LlamaForCausalLM (any AutoModelForCausalLM for an HF folder), eval mode; None with weights=False
+    model: Optional["torch.nn.Module"]
     tokenizer: object  # megatron.data.tokenizer.Tokenizer: encode() without BOS, decode(), bos_id, eod_id
     kind: str  # "checkpoint" | "hf"
     chat: bool  # an assistant model: stops at <|eot_id|>, prompts use the Llama-3.1 chat format
@@ -265,8 +266,8 @@ def _load_checkpoint(path: Path, device: str, dtype: Optional[torch.dtype], step
     if out_dtype not in HF_DTYPE_NAMES:
         raise ModelLoadError(f"{ckpt.tag_dir}: the weights are {ckpt.dtype}; pass --dtype bf16 or fp32")
     common = dict(tokenizer=tokenizer, kind="checkpoint", chat=is_chat,
-                  eos_token_ids=_eos_ids(tokenizer, vocab, is_chat), source=str(ckpt.tag_dir), step=ckpt.iteration, max_length=keys["max_position_embeddings"],
-                  vocab_size=vocab, extra={"tp": ckpt.tp, "keys": keys})
+                  eos_token_ids=_eos_ids(tokenizer, vocab, is_chat), source=str(ckpt.tag_dir), step=ckpt.iteration,
+                  max_length=keys["max_position_embeddings"], vocab_size=vocab, extra={"tp": ckpt.tp, "keys": keys})
     if not weights:
         return LoadedModel(model=None, **common)
     config_dict, _ = hf_out_config(ckpt, HF_DTYPE_NAMES[out_dtype])
