@@ -348,6 +348,26 @@ class GenerationArgs(_Strict):
     generation_seed: Optional[int] = Field(None, description="generate.py: sampling seed.")
 
 
+class McqEvalSpec(_Strict):
+    """The AstroMLab multiple-choice benchmark run on the training model itself (docs/evaluation.md)."""
+
+    questions: str = Field(
+        ..., description="Question JSONL (question, A-D or options, answer, id), as for tools/eval/mcq.py.")
+    interval: int = Field(..., gt=0, description="Run it every this many steps (and at the last step).")
+    method: Literal["next-token"] = Field("next-token", description="Only the next-token method runs in training.")
+    shots: Optional[str] = Field(
+        None, description="Solved questions for the prompt's two examples; unset: the paper's appendix A examples.")
+
+
+class EvalArgs(_Strict):
+    """Evaluation during training (docs/evaluation.md)."""
+
+    mcq_eval: Optional[McqEvalSpec] = Field(
+        None, description="Knowledge curve during CPT: the next-token MCQ on the training model every `interval` "
+        "steps, logged as mcq/accuracy with its 95% Wilson interval (equals tools/eval/mcq.py on that step's "
+        "checkpoint).")
+
+
 SECTIONS: tuple[type[_Strict], ...] = (
     ModelArgs,
     ParallelArgs,
@@ -358,11 +378,12 @@ SECTIONS: tuple[type[_Strict], ...] = (
     LoggingArgs,
     LauncherArgs,
     GenerationArgs,
+    EvalArgs,
 )
 
 
 class NeoXConfig(LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, KernelArgs, ParallelArgs,
-                 ModelArgs, GenerationArgs):
+                 ModelArgs, GenerationArgs, EvalArgs):
     """The whole validated config. Read-only by convention: derived values are properties, not mutations."""
 
     # ---- derived values (computed once, in one place) ----

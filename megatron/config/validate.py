@@ -329,7 +329,27 @@ def check_cross_field(cfg: "NeoXConfig", available_devices: Optional[int] = None
     is worked out from the config and `available_devices` as DeepSpeed's runner will."""
     world, issues = (world_size, []) if world_size else _world_size(cfg, available_devices)
     return (issues + _required(cfg) + _model_shape(cfg) + _positions(cfg) + _parallel(cfg, world) + _training(cfg)
-            + _data(cfg) + _checkpoint(cfg))
+            + _data(cfg) + _checkpoint(cfg) + _mcq_eval(cfg))
+
+
+def _mcq_eval(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    """mcq_eval's files are read and checked before launch (a bad row: FILE:LINE), not on every rank later."""
+    spec = cfg.mcq_eval
+    if spec is None:
+        return []
+    from megatron.eval.questions import QuestionFileError, read_questions
+    from megatron.eval.shots import read_shots
+
+    issues = []
+    for key, path, read in (("mcq_eval.questions", spec.questions, read_questions),
+                            ("mcq_eval.shots", spec.shots, read_shots)):
+        if path is None:
+            continue
+        try:
+            read(path)
+        except QuestionFileError as e:
+            issues.append(ConfigIssue(key, str(e), "fix the file or point the key at another one", path))
+    return issues
 
 
 # ---------------------------------------------------------------------------------------------------- generation
