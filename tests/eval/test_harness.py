@@ -51,7 +51,8 @@ def task_dir(eval_work, questions_file, shots_file) -> Path:
 def harness(eval_work, task_dir, model, model_args, name) -> dict:
     out = eval_work / f"harness_{name}"
     run_tool(["tools/eval/harness.py", "--model", model, "--model_args", model_args, "--tasks", "astro_local",
-              "--include_path", task_dir, "--batch_size", "8", "--device", "cpu", "--output_path", out, "--log_samples"])
+              "--include_path", task_dir, "--batch_size", "8", "--device", "cpu", "--output_path", out,
+              "--log_samples"])
     results = json.loads(Path(sorted(glob.glob(f"{out}/**/results_*.json", recursive=True))[-1]).read_text())
     samples = [json.loads(x) for f in glob.glob(f"{out}/**/samples_astro_local_*.jsonl", recursive=True)
                for x in Path(f).read_text().splitlines()]
