@@ -178,7 +178,8 @@ def test_deepy_generate_input_file_gives_the_same_continuations(work, trained, p
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     got = [json.loads(line) for line in (work / "gen_run" / "generations.jsonl").read_text().splitlines()]
     # recompute (no KV cache) and no batching here: the same tokens as the cached, batched tool run.
-    assert [r["output"] for r in got] == [r["output"] for r in tool_greedy[1]]
+    assert [r["ids"] for r in got] == [r["ids"] for r in tool_greedy[1]]
+    assert [(r["tokens"], r["stop"]) for r in got] == [(NEW, "length")] * 2  # maximum_tokens bounds it
     assert yaml.safe_load((work / "gen_run" / "config.yml").read_text())["text_gen_type"] == "input-file"
 
 
