@@ -78,6 +78,7 @@ def hf_candidate_logits(model, pad_id: int = 0) -> CandidateLogits:
     and only those rows through the LM head (a [B, T, 128256] logits tensor would dwarf the model on long
     prompts)."""
     device = next(model.parameters()).device
+    body, head = model.get_decoder(), model.get_output_embeddings()  # LlamaForCausalLM: .model, .lm_head
 
     @torch.inference_mode()
     def candidate_logits(batch: list[list[int]], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +88,9 @@ def hf_candidate_logits(model, pad_id: int = 0) -> CandidateLogits:
         for i, x in enumerate(batch):
             tokens[i, :len(x)] = torch.tensor(x)
             mask[i, :len(x)] = 1
-        hidden = model.model(input_ids=tokens.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden = body(input_ids=tokens.to(device), attention_mask=mask.to(device)).last_hidden_state
         last = hidden[torch.arange(len(batch), device=device), (lens - 1).to(device)]
-        logits = model.lm_head(last).float()
+        logits = head(last).float()
         return logits[:, ids].cpu(), logits.logsumexp(dim=-1).cpu()
 
     return candidate_logits

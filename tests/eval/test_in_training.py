@@ -56,6 +56,7 @@ def test_in_training_curve_equals_the_standalone_tool(training_run):
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     mcq = [r for r in logged if "mcq/accuracy" in r]
     assert [r["step"] for r in mcq] == [2]
+    assert (run_dir / "curves.png").is_file()  # the run's plot carries the MCQ curve
     summary = json.loads((tool / "summary.json").read_text())
     assert summary["step"] == 2 and summary["n"] == 32
     assert mcq[0]["mcq/accuracy"] == summary["accuracy"]

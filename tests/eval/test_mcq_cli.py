@@ -90,3 +90,35 @@ def test_random_model_is_near_chance(eval_work):
     # 25% +- 3 binomial standard deviations (sqrt(.25 * .75 / 200) = 3.1%)
     assert 0.158 <= summary["accuracy"] <= 0.342, summary
     assert summary["shot_pool"][:2] == ["appendixA-1", "appendixA-3"]
+
+
+def test_instruct_method_end_to_end(eval_work, memorised):
+    """Appendix B through the chat format and greedy generation: the memorising model was never taught to reply
+    in JSON, so every reply is unparseable, counted, kept raw, and scored wrong."""
+    questions = H.write_jsonl(eval_work / "astro8.jsonl", H.ASTRO_QUESTIONS)
+    out = eval_work / "run_instruct"
+    run_tool([MCQ, "--model", memorised["export"], "--questions", questions, "--method", "instruct",
+              "--max-new-tokens", "6", "--output", out, "--no-progress"])
+    summary = json.loads((out / "summary.json").read_text())
+    got = records(out)
+    assert summary["n"] == 8 and summary["unparseable"] == sum(not r["parsed"] for r in got.values())
+    assert summary["correct"] == sum(bool(r["correct"]) for r in got.values())
+    assert all(isinstance(r["text"], str) and r["stop"] in ("eos", "length") for r in got.values())
+    assert all(r["correct"] is False for r in got.values() if not r["parsed"])
+
+
+def test_instruct_next_token_prompt_is_one_user_turn():
+    from megatron.data.tokenizer import build_tokenizer
+    from megatron.eval.next_token import prompt_ids
+    from megatron.eval.prompts import next_token_prompt
+    from megatron.eval.questions import parse_row
+    from megatron.eval.shots import PAPER_EXAMPLES, shots_for
+
+    tok = build_tokenizer("Llama3Tokenizer")
+    q = parse_row(H.ASTRO_QUESTIONS[0], "x", 1)
+    text = next_token_prompt(q.question, q.options, shots_for(PAPER_EXAMPLES, q))
+    ids = prompt_ids(tok, text, chat=True)
+    decoded = "".join(tok.decode([i]) for i in ids)
+    assert decoded == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + text
+                       + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert prompt_ids(tok, text, chat=False) == [128000] + tok.encode(text)
