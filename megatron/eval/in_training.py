@@ -123,7 +123,7 @@ class TrainingMCQ:
         return iteration % self.spec.interval == 0 or iteration == self.cfg.train_iters
 
     def run(self, iteration: int) -> Optional[dict]:
-        from megatron.eval.mcq import format_summary, summarize
+        from megatron.eval.mcq import summarize
         from megatron.eval.next_token import NextTokenScorer
 
         logits = engine_candidate_logits(self.engine, self.cfg.seq_length, self.cfg.train_micro_batch_size_per_gpu)
