@@ -72,15 +72,24 @@ def _read_done(path: Path, repair: bool = True) -> list[dict]:
     return records
 
 
+def check_settings(out: Path, settings: dict, ignore: tuple = ()) -> None:
+    """RunError if OUT holds a run whose settings differ from `settings` (keys in `ignore` aside)."""
+    run_json = out / "run.json"
+    if not run_json.is_file():
+        return
+    previous = json.loads(run_json.read_text())
+    changed = sorted(k for k in set(previous) | set(settings)
+                     if k not in ignore and previous.get(k) != settings.get(k))
+    if changed:
+        raise RunError(f"{out} holds a run with other settings ({', '.join(changed)} differ); use another "
+                       "--output, or --overwrite to start it again")
+
+
 def prepare_output(out: Path, settings: dict, overwrite: bool) -> list[dict]:
     """Make OUT for `settings`; return the records a previous run with the same settings already wrote."""
     run_json = out / "run.json"
     if run_json.is_file() and not overwrite:
-        previous = json.loads(run_json.read_text())
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise RunError(f"{out} holds a run with other settings ({', '.join(changed)} differ); use another "
-                           "--output, or --overwrite to start it again")
+        check_settings(out, settings)
         return _read_done(out / "predictions.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("predictions.jsonl", "summary.json"):

@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     if args.method != "instruct":
         for q in questions:  # every question must have two shots other than itself, before anything is written
             shots_for(pool, q)
+    settings = settings_of(args, args.questions)
+    if args.output and not args.overwrite:  # refuse a mismatched --output before minutes of model loading
+        mcq.check_settings(Path(args.output), settings, ignore=("step",))
     from megatron.generation.loading import load_model
 
     import torch
@@ -107,7 +110,6 @@ def main(argv=None) -> int:
                         chat=True if args.method != "next-token" else None, log=lambda m: print(m, file=sys.stderr))
     name = Path(loaded.source).name if loaded.step is None else f"{Path(args.model).resolve().name}-{loaded.step}"
     out = Path(args.output or os.path.join("runs", "eval", f"{name}-{args.method}"))
-    settings = settings_of(args, args.questions)
     settings["step"] = loaded.step
     done = mcq.prepare_output(out, settings, args.overwrite)
     if done:
