@@ -80,3 +80,16 @@ def test_paired_difference():
     c[np.flatnonzero(~a)[:40]] = True
     assert paired_difference(a, c)["ci95"][0] > 0 and paired_difference(a, c)["mcnemar_p"] < 1e-6
     assert math.isclose(paired_difference(a, c)["difference"], 0.1)
+
+
+def test_summary_without_an_answer_key_is_predictions_only():
+    from megatron.eval.mcq import format_summary, summarize
+
+    s = summarize([{"id": "a", "prediction": "B", "answer": None, "correct": None},
+                   {"id": "b", "prediction": None, "answer": None, "correct": None}])
+    assert (s["questions"], s["n"], s["accuracy"], s["ci95"], s["unparseable"]) == (2, 0, None, None, 1)
+    assert "predictions only" in format_summary(s)
+    keyed = summarize([{"id": "a", "prediction": "B", "answer": "B", "correct": True},
+                       {"id": "b", "prediction": None, "answer": "C", "correct": False}])
+    assert (keyed["n"], keyed["correct"], keyed["accuracy"], keyed["unparseable"]) == (2, 1, 0.5, 1)
+    assert keyed["ci95"] == list(wilson_interval(1, 2))
