@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Pinned here; requirements/*.txt keep ranges so the GPU machine's stack (torch 2.11, Python 3.12) also fits.
 PINS   := torch==2.13.0 deepspeed==0.19.8 megatron-core==0.16.1
 STAMP  := $(VENV)/.installed
-REQS   := requirements/base.txt requirements/hf.txt requirements/logging.txt requirements/dev.txt
+REQS   := requirements/base.txt requirements/hf.txt requirements/logging.txt requirements/dev.txt requirements/eval.txt
 # torchao (3.4 MB of Python wheels): the FP8 tests run its emulation on CPU (tests/test_fp8.py).
 REQS   += requirements/fp8.txt
 PYTEST_ARGS ?=
@@ -18,7 +18,7 @@ $(STAMP): $(REQS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(PINS)
 	$(PY) -m pip install -q --disable-pip-version-check $(PINS) -r requirements/base.txt -r requirements/hf.txt \
-		-r requirements/logging.txt -r requirements/dev.txt
+		-r requirements/logging.txt -r requirements/dev.txt -r requirements/eval.txt
 	$(PY) -m pip install -q --disable-pip-version-check $(PINS) -r requirements/fp8.txt
 	@touch $(STAMP)
 

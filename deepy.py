@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = [os.path.join(args.conf_dir, c) if args.conf_dir else c for c in args.configs]
     gpus = cuda_device_count()
+    # generate.py is one process (its model may span a node's GPUs) validated by the generation rules.
+    generating = Path(args.script).name == "generate.py"
     try:
-        loaded = load_config(paths, available_devices=gpus or None)
+        loaded = load_config(paths, available_devices=gpus or None, purpose="generate" if generating else "train")
     except ConfigError as err:
         print(err.format(), file=sys.stderr)
         return 2
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"info  GPT-NeoX {line}")
     from megatron.preflight import before_launch  # data, checkpoint and run-lock checks on disk (exit 2 if bad)
 
-    if before_launch(cfg, loaded.sources, dry_run=args.dry_run):
+    # generate.py reads `load` (a checkpoint or an HF folder) and writes no checkpoint: its loader checks the model.
+    if not generating and before_launch(cfg, loaded.sources, dry_run=args.dry_run):
         return 2
 
     run_dir = Path(cfg.run_dir or os.path.join("runs", Path(paths[-1]).stem))
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     save_resolved(cfg, config_path)
     print(f"resolved config: {config_path}")
+    if generating:  # one process: transformers places the model itself (device_map), no DeepSpeed runner
+        launch.cmd = [sys.executable, "-u", args.script, "--config", str(config_path), "--run-dir",
+                      str(run_dir.resolve())]
     for note in launch.notes:
         print(f"note: {note}")
     print("launch: " + shlex.join(launch.cmd), flush=True)

@@ -154,6 +154,14 @@ class MetricSinks:
             ax_loss.plot([r["step"] for r in valid], [r["valid/loss"] for r in valid], "o-", label="validation")
         ax_loss.set_ylabel("loss")
         ax_loss.legend()
+        mcq = [r for r in self.history if "mcq/accuracy" in r]
+        if mcq:  # mcq_eval's knowledge curve with its 95% Wilson interval, on its own axis (megatron/eval)
+            ax_mcq, acc = ax_loss.twinx(), [r["mcq/accuracy"] for r in mcq]
+            ax_mcq.errorbar([r["step"] for r in mcq], acc, fmt="s-", color="tab:green", label="MCQ accuracy",
+                            yerr=[[a - r["mcq/ci95_low"] for a, r in zip(acc, mcq)],
+                                  [r["mcq/ci95_high"] - a for a, r in zip(acc, mcq)]])
+            ax_mcq.set(ylabel="MCQ accuracy", ylim=(0, 1))
+            ax_mcq.legend(loc="upper center")
         ax_lr.plot([r["step"] for r in train], [r["train/lr"] for r in train], color="tab:orange")
         ax_lr.set_ylabel("learning rate")
         ax_lr.set_xlabel("step")

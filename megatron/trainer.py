@@ -24,6 +24,7 @@ from megatron.data.lm_batches import GlobalTokenBatches
 from megatron.data.lm_batches import lm_batches as _lm_batches
 from megatron.data.packing import packing_summaries, plan_label_epochs
 from megatron.data.tokenizer import build_tokenizer
+from megatron.eval import in_training
 from megatron.guards import BadStepGuard, ExitConditions, injected_nan_steps, injected_step_delay
 from megatron.metrics import MetricSinks, StepTimer, flops_per_token, format_step, max_over_ranks, peak_memory_gib
 from megatron.model.config import LlamaConfig
@@ -125,6 +126,7 @@ class Trainer:
             self.phase_times = PhaseTimes(self.engine)
         self.profiler = StepProfiler(cfg, run_dir, rank, self.sinks.print if self.is_logger else (lambda m: None))
         self._build_data()
+        self.mcq = in_training.build(self)  # mcq_eval: the knowledge curve (None without it)
         n_params = self.model_cfg.count_parameters()
         self.sinks.print(
             f"Llama: {n_params / 1e6:,.2f}M parameters | {self.layout.describe()} | {self.precision} | "
@@ -291,15 +293,16 @@ class Trainer:
                     bar.write(format_step(self.iteration, cfg.train_iters, last))
                 window_losses, window_start, window_loss_tokens = [], self.iteration, [0, 0]
 
-            eval_due = self.valid_sets and (self.iteration % cfg.eval_interval == 0
-                                            or self.iteration == cfg.train_iters)
+            valid_due = bool(self.valid_sets) and (self.iteration % cfg.eval_interval == 0
+                                                   or self.iteration == cfg.train_iters)
+            eval_due = valid_due or (self.mcq is not None and self.mcq.due(self.iteration))
             save_due = self._save_due()
             if eval_due or save_due:
                 window_seconds += timer.lap()
                 if self.phase_times is not None:
                     self.phase_times.collect()
                 if eval_due:
-                    self.evaluate()
+                    self.evaluate(valid_due)
                 if save_due:
                     self.save()
                 timer.lap()  # neither is training throughput
@@ -365,20 +368,9 @@ class Trainer:
         self.sinks.close()
         raise TrainingDiverged(message)
 
-    def evaluate(self) -> dict:
-        cfg, lay = self.cfg, self.layout
-        results = {}
-        for prefix, dataset in self.valid_sets.items():
-            loader = make_data_loader(dataset, cfg.train_micro_batch_size_per_gpu, lay.dp_rank, lay.dp, 0, 0)
-            batches = _lm_batches(loader, self.tokenizer.eod_id if cfg.eod_mask_loss else None)
-            losses = [self.engine.eval_batch(data_iter=batches).item() for _ in range(cfg.eval_iters)]
-            loss = sum(losses) / len(losses)
-            ppl = float(np.exp(min(loss, 50.0)))
-            self.sinks.log(self.iteration, {"loss": loss, "ppl": ppl}, prefix=prefix)
-            what = "validation" if prefix == "valid" else "replay (general-text) validation"
-            self.sinks.print(f"{what} at step {self.iteration}: loss {loss:.4f} | perplexity {ppl:.2f}")
-            results[prefix] = loss
-        return results
+    def evaluate(self, validation: bool = True) -> dict:
+        """The validation sets' loss (when `validation`) and the in-training MCQ when due (megatron/eval)."""
+        return in_training.evaluate(self, validation)
 
     def _log_epoch_boundaries(self, previous_consumed: int) -> None:
         plan = self.epoch_data.plan

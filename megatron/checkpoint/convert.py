@@ -19,8 +19,9 @@ import shutil
 import sys
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import yaml
@@ -410,43 +411,46 @@ def _hf_out_config(keys: dict, meta: Optional[dict], dtype_name: str) -> tuple[d
     return out, hf_config.generation_config(out["bos_token_id"], out["eos_token_id"], version)
 
 
-def neox_to_hf(input_dir: str | Path, out_dir: str | Path, *, iteration: Optional[int] = None,
-               dtype: Optional[str] = None, max_shard_size: int = 5 * 10**9, tokenizer: str = "auto",
-               overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = _say) -> Path:
-    """Export a checkpoint (root or tag folder) to a HF directory. `tokenizer`: "auto" (Llama-3 files when the
-    vocabulary is Llama-3's, the run's tokenizer.json for HFTokenizer), "none", or a directory to copy from."""
-    from megatron.checkpoint import hf_tokenizer
+@dataclass
+class NeoxCheckpoint:
+    """A checkpoint tag folder of this trainer, checked and ready to stream (see `open_neox_checkpoint`)."""
 
-    out_dir = Path(out_dir)
+    tag_dir: Path
+    keys: dict  # model keys (hf_config's names)
+    meta: Optional[dict]  # neox_meta.json, or None for a checkpoint of an older trainer
+    tp: int
+    dtype: torch.dtype  # the weights' dtype as saved
+    cfg: object  # megatron.model.config.LlamaConfig with the checkpoint's padded vocabulary
+
+    @property
+    def iteration(self) -> Optional[int]:
+        if self.meta is not None and self.meta.get("iteration") is not None:
+            return int(self.meta["iteration"])
+        return metadata.tag_iteration(self.tag_dir.name)
+
+
+def open_neox_checkpoint(input_dir: str | Path, iteration: Optional[int] = None,
+                         log: Callable[[str], None] = _say) -> NeoxCheckpoint:
+    """Resolve `input_dir` (a checkpoint root or a tag folder) to one tag and check its layout: model keys, TP
+    from the layer files, every layer file present, the embedding at least vocab_size rows."""
     tag_dir = resolve_tag(Path(input_dir), iteration, log)
     keys, meta = read_neox_model(tag_dir)
     L = keys["num_layers"]
     tp = _checkpoint_tp(tag_dir, meta, L)
-
     emb = _load_layer(tag_dir / metadata.layer_file(0, 0))["word_embeddings.weight"]
     padded = emb.shape[0] * tp
     if padded < keys["vocab_size"]:
         raise ConversionError(f"{tag_dir / metadata.layer_file(0, 0)}: {tp} x {emb.shape[0]} embedding rows, fewer "
                               f"than vocab_size {keys['vocab_size']}")
-    src_dtype = emb.dtype
-    del emb
-    out_dtype = DTYPES[dtype] if dtype else src_dtype
-    if out_dtype not in HF_DTYPE_NAMES:
-        raise ConversionError(f"the checkpoint's weights are {src_dtype}; pass --dtype bf16 or fp32")
-    cfg = hf_config.llama_config(keys, padded)
+    return NeoxCheckpoint(tag_dir, keys, meta, tp, emb.dtype, hf_config.llama_config(keys, padded))
 
-    if any(out_dir.glob("*.safetensors")) or (out_dir / "config.json").exists():
-        if not overwrite:
-            raise ConversionError(f"{out_dir} already holds a model; choose another --output-dir or pass --overwrite")
-        for p in list(out_dir.glob("model*.safetensors*")) + [out_dir / "config.json"]:
-            p.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    shapes = hf_shapes(keys)
-    order = [(n, shapes[n]) for s in range(L + 3) for n in hf_names(L, s)]
-    plan = shard_plan(order, out_dtype, max_shard_size)
-    writer = ShardedWriter(out_dir, plan, out_dtype)
-    bar = tqdm(total=len(order), desc="neox -> hf", unit="tensor", disable=not progress, dynamic_ncols=True)
+def iter_hf_tensors(ckpt: NeoxCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) of every weight, spec by spec in Meta's order: each spec's TP shards are loaded,
+    checked against the shapes the conversion map implies, merged, and dropped before the next spec. Shared by the
+    HF export (`neox_to_hf`) and the in-memory inference loader (megatron/generation/loading.py)."""
+    tag_dir, cfg, tp, meta = ckpt.tag_dir, ckpt.cfg, ckpt.tp, ckpt.meta
+    L = ckpt.keys["num_layers"]
     for spec in range(L + 3):
         expected = _expected_shard_shapes(cfg, tp, spec)
         shards = []
@@ -468,14 +472,52 @@ def neox_to_hf(input_dir: str | Path, out_dir: str | Path, *, iteration: Optiona
         hf = hf_keys.pipe_to_hf_state(shards, cfg, [spec])
         del shards
         for name in hf_names(L, spec):
-            bar.set_postfix_str(f"{name} -> {writer.order[writer.pos][0] + 1}/{len(plan)}", refresh=False)
-            writer.write(name, hf.pop(name))
-            bar.update(1)
+            yield name, hf.pop(name)
+
+
+def hf_out_config(ckpt: NeoxCheckpoint, dtype_name: str) -> tuple[dict, dict]:
+    """config.json and generation_config.json of the checkpoint as an HF model (a base model's eos)."""
+    return _hf_out_config(ckpt.keys, ckpt.meta, dtype_name)
+
+
+def neox_to_hf(input_dir: str | Path, out_dir: str | Path, *, iteration: Optional[int] = None,
+               dtype: Optional[str] = None, max_shard_size: int = 5 * 10**9, tokenizer: str = "auto",
+               overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = _say) -> Path:
+    """Export a checkpoint (root or tag folder) to a HF directory. `tokenizer`: "auto" (Llama-3 files when the
+    vocabulary is Llama-3's, the run's tokenizer.json for HFTokenizer), "none", or a directory to copy from."""
+    from megatron.checkpoint import hf_tokenizer
+
+    out_dir = Path(out_dir)
+    ckpt = open_neox_checkpoint(input_dir, iteration, log)
+    tag_dir, keys, tp = ckpt.tag_dir, ckpt.keys, ckpt.tp
+    L = keys["num_layers"]
+    src_dtype = ckpt.dtype
+    out_dtype = DTYPES[dtype] if dtype else src_dtype
+    if out_dtype not in HF_DTYPE_NAMES:
+        raise ConversionError(f"the checkpoint's weights are {src_dtype}; pass --dtype bf16 or fp32")
+
+    if any(out_dir.glob("*.safetensors")) or (out_dir / "config.json").exists():
+        if not overwrite:
+            raise ConversionError(f"{out_dir} already holds a model; choose another --output-dir or pass --overwrite")
+        for p in list(out_dir.glob("model*.safetensors*")) + [out_dir / "config.json"]:
+            p.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    shapes = hf_shapes(keys)
+    order = [(n, shapes[n]) for s in range(L + 3) for n in hf_names(L, s)]
+    plan = shard_plan(order, out_dtype, max_shard_size)
+    writer = ShardedWriter(out_dir, plan, out_dtype)
+    bar = tqdm(total=len(order), desc="neox -> hf", unit="tensor", disable=not progress, dynamic_ncols=True)
+    for name, tensor in iter_hf_tensors(ckpt):
+        bar.set_postfix_str(f"{name} -> {writer.order[writer.pos][0] + 1}/{len(plan)}", refresh=False)
+        writer.write(name, tensor)
+        del tensor
+        bar.update(1)
     bar.close()
     writer.close()
 
     dtype_name = HF_DTYPE_NAMES[out_dtype]
-    config, gen = _hf_out_config(keys, meta, dtype_name)
+    config, gen = hf_out_config(ckpt, dtype_name)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 

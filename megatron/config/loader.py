@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from megatron.config.errors import ConfigError, ConfigIssue
 from megatron.config.neox_compat import translate
 from megatron.config.schema import NeoXConfig, all_keys
-from megatron.config.validate import check_cross_field
+from megatron.config.validate import check_cross_field, check_generation
 
 
 @dataclass
@@ -124,9 +124,10 @@ def _type_issues(err: ValidationError, raw: dict[str, Any], sources: dict[str, s
 
 def build_config(
     raw: dict[str, Any], sources: Optional[dict[str, str]] = None, available_devices: Optional[int] = None,
-    world_size: Optional[int] = None,
+    world_size: Optional[int] = None, purpose: str = "train",
 ) -> NeoXConfig:
-    """Validate a merged mapping. Raises ConfigError listing every problem."""
+    """Validate a merged mapping. Raises ConfigError listing every problem. `purpose` "generate": the generation
+    rules (`check_generation`) instead of the training ones."""
     sources = sources or {}
     raw, _notes, issues = translate(raw, sources, set(NeoXConfig.model_fields))
     issues += _unknown_key_issues(raw, sources)
@@ -145,7 +146,8 @@ def build_config(
             raise ConfigError(issues) from None
     issues += [
         i
-        for i in check_cross_field(cfg, available_devices=available_devices, world_size=world_size)
+        for i in (check_generation(cfg) if purpose == "generate" else
+                  check_cross_field(cfg, available_devices=available_devices, world_size=world_size))
         if not (set(i.key.split(",")) & bad_keys)
     ]
     if issues:
@@ -158,7 +160,8 @@ def build_config(
 
 
 def load_config(
-    paths: list[str], extra: Optional[dict[str, Any]] = None, available_devices: Optional[int] = None
+    paths: list[str], extra: Optional[dict[str, Any]] = None, available_devices: Optional[int] = None,
+    purpose: str = "train",
 ) -> LoadedConfig:
     raw, sources, overrides, issues = read_yaml_files(paths)
     if extra:
@@ -170,7 +173,7 @@ def load_config(
     if issues:
         raise ConfigError(issues)
     notes = translate(raw, sources, set(NeoXConfig.model_fields))[1]
-    cfg = build_config(raw, sources, available_devices=available_devices)
+    cfg = build_config(raw, sources, available_devices=available_devices, purpose=purpose)
     return LoadedConfig(config=cfg, sources=sources, overrides=overrides, notes=notes, files=list(paths))
 
 
@@ -184,10 +187,10 @@ def save_resolved(cfg: NeoXConfig, path: str | Path) -> Path:
     return path
 
 
-def load_resolved(path: str | Path, world_size: Optional[int] = None) -> NeoXConfig:
+def load_resolved(path: str | Path, world_size: Optional[int] = None, purpose: str = "train") -> NeoXConfig:
     """Read a config written by `save_resolved` (what every worker and every checkpoint holds).
 
     Workers pass the launcher's WORLD_SIZE: the config alone may not say it (num_gpus unset means the GPUs deepy.py
     saw), and the batch-size rules must hold for the ranks that actually started."""
     raw = yaml.safe_load(Path(path).read_text())
-    return build_config(raw, {k: str(path) for k in raw}, world_size=world_size)
+    return build_config(raw, {k: str(path) for k in raw}, world_size=world_size, purpose=purpose)

@@ -382,6 +382,62 @@ class Fp8Args(_Strict):
     )
 
 
+class GenerationArgs(_Strict):
+    """Text generation with `python deepy.py generate.py CONFIG.yml` (GPT-NeoX's keys; see docs/generation.md).
+    The model is `load` (a checkpoint folder of this trainer at any TP/PP, or a Hugging Face folder)."""
+
+    text_gen_type: Literal["unconditional", "input-file", "interactive"] = Field(
+        "unconditional", description="generate.py: `input-file` (sample_input_file -> sample_output_file), "
+        "`interactive` (prompts from stdin; chat keeps the conversation), `unconditional` (num_samples samples).")
+    sample_input_file: Optional[str] = Field(
+        None, description="generate.py, input-file: prompts, one per line (JSON {\"prompt\"} / {\"messages\"} or "
+        "plain text).")
+    sample_output_file: Optional[str] = Field(
+        None, description="generate.py: JSON lines out (prompt, output, answer, reasoning, tokens, seconds); unset "
+        "means RUN_DIR/generations.jsonl.")
+    num_samples: int = Field(1, gt=0, description="generate.py, unconditional: how many samples.")
+    maximum_tokens: int = Field(64, gt=0, description="generate.py: new tokens per reply at most.")
+    prompt_end: str = Field("\n", description="generate.py, input-file: what ends a plain-text prompt.")
+    temperature: float = Field(0.0, ge=0, description="generate.py: sampling temperature; 0 is greedy.")
+    top_p: float = Field(0.0, ge=0, le=1, description="generate.py: nucleus sampling (0 or 1: off).")
+    top_k: int = Field(0, ge=0, description="generate.py: top-k sampling (0: off).")
+    recompute: bool = Field(
+        False, description="generate.py: no KV cache, every position recomputed at each step (slow; a check).")
+    generation_chat: Optional[bool] = Field(
+        None, description="generate.py: Llama-3.1 chat prompts (true) or plain completion (false); unset means "
+        "chat for chat models (SFT checkpoints, --chat-model exports).")
+    generation_system_prompt: Optional[str] = Field(None, description="generate.py: system prompt (chat).")
+    generation_reasoning: bool = Field(
+        False, description="generate.py: reasoning mode: system prompt 'detailed thinking on', reply prefilled "
+        "with <think>.")
+    hide_reasoning: bool = Field(
+        False, description="generate.py, interactive: show only what follows </think> (files keep the whole text).")
+    generation_batch_size: int = Field(8, gt=0, description="generate.py: prompts generated together.")
+    generation_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="generate.py: `hf` (transformers generate, CPU/GPU) or `vllm` (GPU, requirements/vllm.txt).")
+    generation_seed: Optional[int] = Field(None, description="generate.py: sampling seed.")
+
+
+class McqEvalSpec(_Strict):
+    """The AstroMLab multiple-choice benchmark run on the training model itself (docs/evaluation.md)."""
+
+    questions: str = Field(
+        ..., description="Question JSONL (question, A-D or options, answer, id), as for tools/eval/mcq.py.")
+    interval: int = Field(..., gt=0, description="Run it every this many steps (and at the last step).")
+    method: Literal["next-token"] = Field("next-token", description="Only the next-token method runs in training.")
+    shots: Optional[str] = Field(
+        None, description="Solved questions for the prompt's two examples; unset: the paper's appendix A examples.")
+
+
+class EvalArgs(_Strict):
+    """Evaluation during training (docs/evaluation.md)."""
+
+    mcq_eval: Optional[McqEvalSpec] = Field(
+        None, description="Knowledge curve during CPT: the next-token MCQ on the training model every `interval` "
+        "steps, logged as mcq/accuracy with its 95% Wilson interval (equals tools/eval/mcq.py on that step's "
+        "checkpoint).")
+
+
 SECTIONS: tuple[type[_Strict], ...] = (
     ModelArgs,
     ParallelArgs,
@@ -394,11 +450,13 @@ SECTIONS: tuple[type[_Strict], ...] = (
     IntegrityArgs,
     Fp8Args,
     PackingArgs,
+    GenerationArgs,
+    EvalArgs,
 )
 
 
 class NeoXConfig(IntegrityArgs, Fp8Args, PackingArgs, LauncherArgs, LoggingArgs, CheckpointArgs, DataArgs,
-                 TrainingArgs, KernelArgs, ParallelArgs, ModelArgs):
+                 TrainingArgs, KernelArgs, ParallelArgs, ModelArgs, GenerationArgs, EvalArgs):
     """The whole validated config. Read-only by convention: derived values are properties, not mutations."""
 
     # ---- derived values (computed once, in one place) ----

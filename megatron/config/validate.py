@@ -389,7 +389,8 @@ def check_cross_field(cfg: "NeoXConfig", available_devices: Optional[int] = None
     is worked out from the config and `available_devices` as DeepSpeed's runner will."""
     world, issues = (world_size, []) if world_size else _world_size(cfg, available_devices)
     return (issues + _required(cfg) + _model_shape(cfg) + _positions(cfg) + _parallel(cfg, world) + _training(cfg)
-            + _data(cfg, check_files=world_size is None) + _checkpoint(cfg) + _fp8(cfg, world_size))
+            + _data(cfg, check_files=world_size is None) + _checkpoint(cfg) + _fp8(cfg, world_size)
+            + _mcq_eval(cfg))
 
 
 def _fp8(cfg: "NeoXConfig", world_size: Optional[int]) -> list[ConfigIssue]:
@@ -420,4 +421,76 @@ def _fp8(cfg: "NeoXConfig", world_size: Optional[int]) -> list[ConfigIssue]:
                 "run on a Hopper/Ada GPU, set fp8.emulate: true (torchao's emulation, slow: tests), or remove fp8"
             issues.append(ConfigIssue("fp8.emulate" if fp8.available() else "fp8", problem, fix,
                                       cfg.fp8.emulate if fp8.available() else cfg.fp8.recipe))
+    return issues
+
+
+def _mcq_eval(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    """mcq_eval's files are read and checked before launch (a bad row: FILE:LINE), not on every rank later."""
+    spec = cfg.mcq_eval
+    if spec is None:
+        return []
+    from megatron.eval.questions import QuestionFileError, read_questions
+    from megatron.eval.shots import read_shots
+
+    issues = []
+    for key, path, read in (("mcq_eval.questions", spec.questions, read_questions),
+                            ("mcq_eval.shots", spec.shots, read_shots)):
+        if path is None:
+            continue
+        try:
+            read(path)
+        except QuestionFileError as e:
+            issues.append(ConfigIssue(key, str(e), "fix the file or point the key at another one", path))
+    return issues
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+def check_generation(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    """The rules for `python deepy.py generate.py` (instead of the training rules: the model keys come from the
+    checkpoint, data and schedule do not apply). Generation keys that do not apply to the chosen text_gen_type
+    are refused rather than silently ignored."""
+    issues = []
+    mode = cfg.text_gen_type
+    if not cfg.load:
+        issues.append(ConfigIssue("load", "generate.py needs the model to load", "set load: a checkpoint folder of "
+                                  "this trainer (a run's save) or a Hugging Face model folder", None))
+    elif not Path(cfg.load).exists():
+        issues.append(ConfigIssue("load", f"{cfg.load} does not exist", "set load to a checkpoint folder or a "
+                                  "Hugging Face model folder", cfg.load))
+    if mode == "input-file":
+        if not cfg.sample_input_file:
+            issues.append(ConfigIssue("sample_input_file", "text_gen_type input-file needs the prompt file",
+                                      "set sample_input_file: a file with one prompt per line", None))
+        elif not Path(cfg.sample_input_file).is_file():
+            issues.append(ConfigIssue("sample_input_file", "file not found", "check the path",
+                                      cfg.sample_input_file))
+
+    def only_for(key: str, value, default, modes: tuple[str, ...]) -> None:
+        if value != default and mode not in modes:
+            issues.append(ConfigIssue(f"{key},text_gen_type", f"applies to text_gen_type {' or '.join(modes)} only, "
+                                      f"not {mode!r}", f"remove {key}, or set text_gen_type: {modes[0]}", value))
+
+    only_for("sample_input_file", cfg.sample_input_file, None, ("input-file",))
+    only_for("prompt_end", cfg.prompt_end, "\n", ("input-file",))
+    only_for("num_samples", cfg.num_samples, 1, ("unconditional",))
+    only_for("sample_output_file", cfg.sample_output_file, None, ("input-file", "unconditional"))
+    only_for("hide_reasoning", cfg.hide_reasoning, False, ("interactive",))
+    if cfg.temperature == 0 and (cfg.top_p not in (0.0, 1.0) or cfg.top_k):
+        issues.append(ConfigIssue("top_p,top_k,temperature", "temperature 0 is greedy decoding: top_p and top_k "
+                                  "would do nothing", "set temperature > 0 to sample, or remove top_p / top_k",
+                                  {"top_p": cfg.top_p, "top_k": cfg.top_k}))
+    if cfg.generation_reasoning and cfg.generation_system_prompt is not None:
+        issues.append(ConfigIssue("generation_system_prompt,generation_reasoning", "reasoning mode sets the system "
+                                  "prompt to 'detailed thinking on'", "remove one of the two keys",
+                                  cfg.generation_system_prompt))
+    if cfg.generation_chat is False and (cfg.generation_reasoning or cfg.generation_system_prompt is not None):
+        issues.append(ConfigIssue("generation_chat", "generation_system_prompt and generation_reasoning build chat "
+                                  "prompts", "remove generation_chat: false, or the chat keys", False))
+    if mode == "unconditional" and (cfg.generation_chat or cfg.generation_reasoning
+                                    or cfg.generation_system_prompt is not None):
+        issues.append(ConfigIssue("text_gen_type", "unconditional samples start from <|begin_of_text|> alone: there "
+                                  "is no chat prompt", "use text_gen_type input-file or interactive for chat", mode))
+    if cfg.generation_backend == "vllm" and cfg.recompute:
+        issues.append(ConfigIssue("recompute,generation_backend", "vLLM always keeps a KV cache",
+                                  "remove recompute, or set generation_backend: hf", True))
     return issues

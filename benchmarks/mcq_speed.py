@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Next-token MCQ speed: tools/eval/mcq.py's scorer against lm-evaluation-harness's `hf` model scoring the same
+questions as a `multiple_choice` task (the same prompt text, choices " A".." D"), same model, same process.
+
+The model is a random Llama-3-vocabulary model of --shape written as an HF folder with the project's tokenizer
+files (or --model FOLDER); the questions are --questions synthetic ones of Astrobench length, prompted with the
+default shots (the paper's appendix A examples). Both sides run after a warm-up batch; the predictions of both
+are compared (they must agree: lm-eval's highest log-likelihood of " X" is our highest next-token logit).
+Prints a table and appends it to docs/performance.md.
+
+    python benchmarks/mcq_speed.py [--shape small] [--questions 200] [--batch-size 16] [--device cpu] [--no-report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate
+    "tiny": (64, 2, 8, 2, 160),
+    "small": (512, 8, 8, 2, 1536),
+    "1b": (2048, 16, 32, 8, 8192),
+    "8b": (4096, 32, 32, 8, 14336),
+}
+TASK = """task: mcq_speed
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def build_model(shape: str, out: Path, dtype: torch.dtype) -> None:
+    import transformers
+
+    from megatron.checkpoint.hf_tokenizer import write_llama3_tokenizer
+
+    hidden, layers, heads, kv, inter = SHAPES[shape]
+    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                                   max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=128000,
+                                   eos_token_id=128001, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(dtype).save_pretrained(str(out))
+    write_llama3_tokenizer(out)
+
+
+def synthetic(n: int, seed: int = 0) -> list:
+    from megatron.eval.questions import parse_row
+
+    rng = random.Random(seed)
+    words = ("stellar mass halo accretion disk redshift galaxy cluster luminosity metallicity spectrum emission "
+             "absorption magnetic field pulsar neutron dwarf nebula cosmic microwave background dark energy "
+             "supernova radius temperature density velocity dispersion").split()
+
+    def text(k):
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    return [parse_row({"id": f"q{i}", "question": text(22).capitalize() + "?",
+                       "options": [text(18).capitalize() + "." for _ in range(4)], "answer": "ABCD"[i % 4]},
+                      "synthetic", i + 1) for i in range(n)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=SHAPES, default="small")
+    p.add_argument("--model", default=None, help="an HF folder to use instead of a random --shape model")
+    p.add_argument("--questions", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bf16 / fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--no-report", action="store_true")
+    args = p.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype] or (
+        torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from megatron.eval.next_token import NextTokenScorer, hf_candidate_logits
+    from megatron.eval.prompts import next_token_prompt
+    from megatron.eval.shots import PAPER_EXAMPLES, shots_for
+    from megatron.generation.loading import load_model
+
+    work = Path(tempfile.mkdtemp(prefix="mcq_speed_"))
+    folder = Path(args.model) if args.model else work / "model"
+    if not args.model:
+        build_model(args.shape, folder, dtype)
+    questions = synthetic(args.questions)
+
+    # ours: the tool's scorer, batches of --batch-size, longest prompts first (as tools/eval/mcq.py runs)
+    loaded = load_model(folder, device=args.device, dtype=dtype)
+    scorer = NextTokenScorer(loaded.tokenizer, hf_candidate_logits(loaded.model, 128001), PAPER_EXAMPLES)
+    order = sorted(questions, key=lambda q: -len(scorer.prompt(q)))
+    prompt_tokens = sum(len(scorer.prompt(q)) for q in questions) / len(questions)
+    scorer.score(order[:args.batch_size])  # warm-up
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    ours = {}
+    for i in range(0, len(order), args.batch_size):
+        for r in scorer.score(order[i:i + args.batch_size]):
+            ours[r["id"]] = r["prediction"]
+    sync()
+    ours_s = time.perf_counter() - t0
+    del loaded, scorer
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    # lm-eval's hf model on the same prompts as a multiple_choice task (4 log-likelihood requests per question)
+    rows = [{"id": q.id, "prompt": next_token_prompt(q.question, q.options, shots_for(PAPER_EXAMPLES, q)),
+             "gold": "ABCD".index(q.answer)} for q in questions]
+    tasks = work / "tasks"
+    tasks.mkdir()
+    (tasks / "mcq_speed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "mcq_speed.yaml").write_text(TASK.format(data=tasks / "mcq_speed.jsonl"))
+    lm = HFLM(pretrained=str(folder), device=args.device, dtype=dtype, batch_size=args.batch_size)
+    manager = TaskManager(include_path=str(tasks))
+    lm_eval.simple_evaluate(model=lm, tasks=["mcq_speed"], task_manager=manager, limit=args.batch_size,
+                            log_samples=False)  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    res = lm_eval.simple_evaluate(model=lm, tasks=["mcq_speed"], task_manager=manager, log_samples=True)
+    sync()
+    theirs_s = time.perf_counter() - t0
+    theirs = {}
+    for s in res["samples"]["mcq_speed"]:
+        lls = [float(r[0]) for r in s["filtered_resps"]]
+        theirs[s["doc"]["id"]] = "ABCD"[max(range(4), key=lambda i: lls[i])]
+    agree = sum(ours[i] == theirs[i] for i in ours)
+
+    n = len(questions)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    when = time.strftime("%Y-%m-%d %H:%M")
+    shape = args.model or f"{args.shape} (hidden {SHAPES[args.shape][0]}, {SHAPES[args.shape][1]} layers)"
+    lines = [
+        f"## Next-token MCQ vs lm-eval `hf` (benchmarks/mcq_speed.py) ({when})", "",
+        f"{n} synthetic Astrobench-length questions, 2-shot prompt (appendix A shots), mean {prompt_tokens:.0f} "
+        f"prompt tokens; model {shape}, {str(dtype).removeprefix('torch.')}, {device}, batch {args.batch_size}; "
+        f"torch {torch.__version__}, lm-eval {lm_eval.__version__}, Python {platform.python_version()}. lm-eval "
+        "scores the same prompts as a multiple_choice task (choices \" A\"..\" D\"), wall time of "
+        "simple_evaluate after a warm-up; ours is the tool's scorer, after a warm-up batch.", "",
+        "| scorer | seconds | questions/s | speed-up | predictions agreeing |", "|---|---:|---:|---:|---:|",
+        f"| tools/eval/mcq.py next-token | {ours_s:.2f} | {n / ours_s:.1f} | {theirs_s / ours_s:.2f}x | "
+        f"{agree}/{n} |",
+        f"| lm-eval hf multiple_choice | {theirs_s:.2f} | {n / theirs_s:.1f} | 1.00x | |", ""]
+    print("\n".join(lines))
+    if not args.no_report:
+        with open(os.path.join(REPO_ROOT, "docs", "performance.md"), "a") as f:
+            f.write("\n" + "\n".join(lines))
+    return 0 if agree == n else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Generation engines: transformers' `generate` (default, CPU and GPU) and vLLM (optional, GPU only).
+
+Neither engine is written here: transformers keeps the KV cache, batches (left padding), and samples
+(greedy, temperature, top-p, top-k); vLLM does the same with paged attention. This module only turns the same
+token-id prompts and the same stop rule (the LoadedModel's eos ids, plus a token budget) into their calls, and
+the results back into `Completion`s, so both engines are interchangeable for the tools.
+
+    engine = make_engine(loaded, backend="hf")
+    [c] = engine.generate([prompt_ids], Sampling(max_new_tokens=64))
+    c.text, c.ids, c.stop ("eos" | "length"), c.seconds
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from megatron.generation.chat import PromptError
+from megatron.generation.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy (top_p / top_k then do not apply); top_p 0 or 1 and top_k 0
+    switch those filters off (GPT-NeoX's conventions)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    use_cache: bool = True  # False: recompute every position at every step (GPT-NeoX `recompute`)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    ids: list[int]  # the new tokens, up to and without the stop token
+    text: str  # decoded `ids`
+    stop: str  # "eos": a stop token ended it; "length": the token budget (or the context) did
+    seconds: float  # wall time of the batch that produced it
+    stop_id: Optional[int] = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated, the stop token included (what the model computed)."""
+        return len(self.ids) + (self.stop_id is not None)
+
+
+def check_prompts(loaded: LoadedModel, prompts: Sequence[Sequence[int]], where: Sequence[str] = ()) -> None:
+    """Every prompt non-empty, within the vocabulary and shorter than the context; PromptError naming the
+    prompt (`where[i]`, e.g. "prompts.jsonl:3") otherwise. Run before anything is generated or written."""
+    for i, ids in enumerate(prompts):
+        name = where[i] if i < len(where) else f"prompt {i + 1}"
+        if not ids:
+            raise PromptError(f"{name} is empty; give some text (or a BOS-starting prompt)")
+        if loaded.max_length and len(ids) >= loaded.max_length:
+            raise PromptError(f"{name} is {len(ids)} tokens, but the model's context is {loaded.max_length} "
+                              f"tokens (max_position_embeddings) and at least one new token must fit; shorten "
+                              f"the prompt")
+        bad = [t for t in ids if not 0 <= t < loaded.vocab_size] if loaded.vocab_size else []
+        if bad:
+            raise PromptError(f"{name} has token id {bad[0]}, outside the model's vocabulary of {loaded.vocab_size}: "
+                              "the tokenizer does not match this model")
+
+
+def _trim(new: list[int], eos: set[int]) -> tuple[list[int], Optional[int]]:
+    for i, t in enumerate(new):
+        if t in eos:
+            return new[:i], t
+    return new, None
+
+
+class HFEngine:
+    """transformers `model.generate` on the LoadedModel's model (any device, `device_map="auto"` included)."""
+
+    name = "transformers"
+
+    def __init__(self, loaded: LoadedModel, batch_size: int = 8) -> None:
+        self.loaded = loaded
+        self.batch_size = max(1, batch_size)
+        tok = loaded.tokenizer
+        pad = getattr(tok, "pad_id", None)
+        self.pad_id = pad if pad is not None and 0 <= pad < (loaded.vocab_size or pad + 1) else 0
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[Completion]:
+        check_prompts(self.loaded, prompts)
+        out: list[Completion] = []
+        for start in range(0, len(prompts), self.batch_size):
+            out += self._batch([list(map(int, p)) for p in prompts[start:start + self.batch_size]], sampling)
+        return out
+
+    def _batch(self, prompts: list[list[int]], s: Sampling) -> list[Completion]:
+        lm = self.loaded
+        width = max(len(p) for p in prompts)
+        budget = s.max_new_tokens
+        if lm.max_length:
+            budget = min(budget, lm.max_length - width)  # the context bounds the batch's longest prompt
+        device = lm.device
+        # Left padding: every prompt ends at the same position, where generation continues.
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        kwargs = dict(max_new_tokens=budget, eos_token_id=list(lm.eos_token_ids) or None, pad_token_id=self.pad_id,
+                      use_cache=s.use_cache)
+        if s.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p if 0 < s.top_p < 1 else None,
+                          top_k=s.top_k if s.top_k > 0 else None)
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+        start = time.perf_counter()
+        with torch.no_grad():
+            gen = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        seconds = time.perf_counter() - start
+        eos = set(lm.eos_token_ids)
+        results = []
+        for i, p in enumerate(prompts):
+            new, stop_id = _trim(gen[i, width:].tolist(), eos)
+            results.append(Completion(prompt_ids=p, ids=new, text=lm.tokenizer.decode(new),
+                                      stop="eos" if stop_id is not None else "length", seconds=seconds,
+                                      stop_id=stop_id))
+        return results
+
+
+class VLLMEngine:
+    """vLLM (GPU only; `pip install -r requirements/vllm.txt`). vLLM reads an HF folder, so a checkpoint of this
+    trainer is first exported to a temporary folder with the converter. Same prompts (token ids), same stop ids,
+    same budget as HFEngine; greedy is temperature 0."""
+
+    name = "vllm"
+
+    def __init__(self, loaded: LoadedModel, model_path: str, dtype: Optional[str] = None, tensor_parallel: int = 0):
+        try:
+            import vllm
+        except ImportError:
+            raise RuntimeError("the vLLM backend needs vLLM on a GPU machine: pip install -r requirements/vllm.txt "
+                               "(or use --backend hf)") from None
+        if not torch.cuda.is_available():
+            raise RuntimeError("the vLLM backend runs on GPUs only; use --backend hf on this machine")
+        import tempfile
+
+        self.loaded = loaded
+        path = model_path
+        if loaded.kind == "checkpoint":
+            from megatron.checkpoint.convert import neox_to_hf
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="vllm_export_")
+            path = str(neox_to_hf(loaded.source, self._tmp.name, progress=False, log=lambda m: None))
+        self.llm = vllm.LLM(model=path, tokenizer=path if loaded.kind == "hf" else None, skip_tokenizer_init=True,
+                            dtype=dtype or "auto", tensor_parallel_size=tensor_parallel or torch.cuda.device_count(),
+                            max_model_len=loaded.max_length or None)
+        self._vllm = vllm
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[Completion]:
+        check_prompts(self.loaded, prompts)
+        s, lm = sampling, self.loaded
+        params = [self._vllm.SamplingParams(
+            max_tokens=min(s.max_new_tokens, lm.max_length - len(p)) if lm.max_length else s.max_new_tokens,
+            temperature=0.0 if s.greedy else s.temperature, top_p=s.top_p if 0 < s.top_p < 1 else 1.0,
+            top_k=s.top_k if s.top_k > 0 else -1, seed=s.seed, stop_token_ids=list(lm.eos_token_ids),
+            # vLLM would also stop at the folder's own eos; ours are the rule (the same as HFEngine's)
+            ignore_eos=True, detokenize=False) for p in prompts]
+        start = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        eos = set(lm.eos_token_ids)
+        results = []
+        for p, o in zip(prompts, outs):
+            new, stop_id = _trim(list(o.outputs[0].token_ids), eos)
+            results.append(Completion(prompt_ids=list(p), ids=new, text=lm.tokenizer.decode(new),
+                                      stop="eos" if stop_id is not None else "length", seconds=seconds,
+                                      stop_id=stop_id))
+        return results
+
+
+def make_engine(loaded: LoadedModel, backend: str = "hf", batch_size: int = 8, model_path: Optional[str] = None):
+    if backend == "hf":
+        return HFEngine(loaded, batch_size)
+    if backend == "vllm":
+        return VLLMEngine(loaded, model_path or loaded.source)
+    raise ValueError(f"backend {backend!r}: expected 'hf' or 'vllm'")

@@ -1,0 +1,87 @@
+"""lm-evaluation-harness: the registered "neox" model on the TP 2 x PP 2 checkpoint scores a local task (a JSONL
+this test writes, no hub) end to end, every document, with the accuracy lm-eval's own `hf` model gets on the
+exported folder; and lm-eval's per-document choice equals tools/eval/mcq.py's next-token prediction on the same
+prompts (lm-eval compares log-likelihoods of " A".." D", the tool the four next-token logits)."""
+
+import glob
+import json
+from pathlib import Path
+
+import pytest
+
+import eval_helpers as H
+from eval_helpers import run_tool
+
+pytest.importorskip("lm_eval")
+
+TASK = """task: astro_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="session")
+def task_dir(eval_work, questions_file, shots_file) -> Path:
+    """The questions of the MCQ runs, each doc's text the tool's own next-token prompt (same shots)."""
+    from megatron.eval.prompts import next_token_prompt
+    from megatron.eval.questions import read_questions
+    from megatron.eval.shots import read_shots, shots_for
+
+    pool, questions = read_shots(shots_file), read_questions(questions_file)
+    rows = [{"id": q.id, "prompt": next_token_prompt(q.question, q.options, shots_for(pool, q)),
+             "gold": "ABCD".index(q.answer)} for q in questions]
+    d = eval_work / "tasks"
+    d.mkdir()
+    data = H.write_jsonl(d / "astro_local.jsonl", rows)
+    (d / "astro_local.yaml").write_text(TASK.format(data=data))
+    return d
+
+
+def harness(eval_work, task_dir, model, model_args, name) -> dict:
+    out = eval_work / f"harness_{name}"
+    run_tool(["tools/eval/harness.py", "--model", model, "--model_args", model_args, "--tasks", "astro_local",
+              "--include_path", task_dir, "--batch_size", "8", "--device", "cpu", "--output_path", out,
+              "--log_samples"])
+    results = json.loads(Path(sorted(glob.glob(f"{out}/**/results_*.json", recursive=True))[-1]).read_text())
+    samples = [json.loads(x) for f in glob.glob(f"{out}/**/samples_astro_local_*.jsonl", recursive=True)
+               for x in Path(f).read_text().splitlines()]
+    return {"results": results, "samples": samples}
+
+
+@pytest.fixture(scope="session")
+def neox_vs_hf(eval_work, task_dir, memorised):
+    ours = harness(eval_work, task_dir, "neox", f"path={memorised['checkpoint']},dtype=fp32", "neox")
+    ref = harness(eval_work, task_dir, "hf", f"pretrained={memorised['export']},dtype=float32", "hf")
+    return ours, ref
+
+
+def test_every_document_scored_and_accuracy_equals_lm_eval_hf(neox_vs_hf):
+    ours, ref = neox_vs_hf
+    for run in (ours, ref):
+        assert run["results"]["n-samples"]["astro_local"]["effective"] == 32
+        assert len(run["samples"]) == 32
+    acc = ours["results"]["results"]["astro_local"]["acc,none"]
+    assert acc == ref["results"]["results"]["astro_local"]["acc,none"]
+    assert acc >= 8 / 32  # the eight memorised questions at least
+
+
+def test_lm_eval_choices_equal_the_mcq_tool(neox_vs_hf, export_run):
+    ours, _ = neox_vs_hf
+    tool = {r["id"]: r["prediction"] for r in map(json.loads, (export_run / "predictions.jsonl").read_text()
+                                                 .splitlines())}
+    picked = {}
+    for s in ours["samples"]:
+        lls = [float(r[0]) for r in s["filtered_resps"]]  # lm-eval logs (log-likelihood, is-greedy) as strings
+        picked[s["doc"]["id"]] = "ABCD"[max(range(4), key=lambda i: lls[i])]
+    assert picked == tool
