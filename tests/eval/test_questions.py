@@ -58,3 +58,19 @@ def test_cli_names_the_bad_line_and_writes_nothing(tmp_path):
     assert r.returncode == 2, r.stderr
     assert f"{path}:3: 'options' must be a list of exactly 4 strings" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_default_shots_never_show_the_question_its_own_answer(tmp_path):
+    from megatron.eval.shots import PAPER_EXAMPLES, read_shots, shots_for
+
+    ex1, ex3, ex2 = PAPER_EXAMPLES
+    other = read_questions(write(tmp_path / "q.jsonl", [GOOD]))[0]
+    assert [s[0] for s in shots_for(PAPER_EXAMPLES, other)] == [ex1.question, ex3.question]
+    assert [s[2] for s in shots_for(PAPER_EXAMPLES, other)] == ["B", "A"]  # the two shots differ in letter
+    asked = read_questions(write(tmp_path / "q1.jsonl", [{**GOOD, "question": ex1.question}]))[0]
+    assert [s[0] for s in shots_for(PAPER_EXAMPLES, asked)] == [ex3.question, ex2.question]
+    with pytest.raises(QuestionFileError, match="at least two solved questions"):
+        read_shots(write(tmp_path / "s.jsonl", [GOOD]))
+    with pytest.raises(QuestionFileError, match=r"s2.jsonl:1: a shot needs its 'answer'"):
+        unsolved = {k: v for k, v in GOOD.items() if k != "answer"}
+        read_shots(write(tmp_path / "s2.jsonl", [unsolved, GOOD | {"id": "q2"}]))
