@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from megatron.data.indexed_dataset import IndexedDatasetWriter, idx_path, bin_path
-from test_checkpoints import VOCAB, _config, _deepy, _losses, _ok, _spawn, _wait_for, data  # noqa: F401
+from test_checkpoints import VOCAB, _config, _deepy, _env, _losses, _ok, _spawn, _wait_for, data  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = (1, 1, 2)
@@ -317,3 +318,31 @@ def test_bad_steps_from_the_first_step_after_a_load_save_nothing():
     assert not saved and "No step since the start (step 4) was finite, so nothing was saved" in message
     saved, message = stopped(first_bad=7)
     assert saved and "The weights from before the fault are saved in ckpt/global_step9" in message
+
+
+def test_a_fault_only_the_workers_see_is_printed_once_and_no_rank_prints_a_traceback(data, tmp_path):
+    """Data damaged after deepy.py checked it (or a launch of the DeepSpeed runner command that deepy.py prints,
+    which skips deepy.py's checks): the workers find it; one rank names the file, once, and no rank prints a
+    traceback (before, every rank printed a ~30-line traceback)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    good, late = data["train_data_paths"][0], str(d / "late_text_document")
+    shutil.copy(bin_path(good), bin_path(late))
+    shutil.copy(idx_path(good), idx_path(late))
+    cfg = _config(tmp_path, {**data, "train_data_paths": [late], "train_data_weights": None}, LAYOUT,
+                  train_iters=STEPS)
+    dry = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(cfg), "--dry-run"], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]
+    cmd = shlex.split(dry.stdout.split("launch: ", 1)[1].splitlines()[0])
+    with open(bin_path(late), "r+b") as f:  # the data changes under the run: half the tokens are gone
+        f.truncate(os.path.getsize(bin_path(late)) // 2)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    named = [line for line in out.splitlines() if line.startswith("error:") and bin_path(late) in line]
+    assert len(named) == 1, out[-4000:]
+    assert "truncated" in named[0] or "size" in named[0], named
+    _clean(out)
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("global_step*"))
