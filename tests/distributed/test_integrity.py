@@ -247,17 +247,24 @@ def test_a_killed_writer_leaves_no_temporary_file_behind(tmp_path):
     assert not stale.exists() and live.exists()
 
 
-def test_kill_9_at_a_random_moment_then_the_resume_matches_the_straight_run(base, data, tmp_path):
+@pytest.mark.parametrize("layout", [LAYOUT, (2, 1, 1), (1, 2, 1)], ids=["dp2", "tp2", "pp2"])
+def test_kill_9_at_a_random_moment_then_the_resume_matches_the_straight_run(base, data, tmp_path, layout):
     """SIGKILL to the whole job (launcher and ranks) after a random step plus a random delay — mid-step, mid-save
     or between — then the same command again: it takes over the dead job's lock, resumes from the newest complete
-    checkpoint, and every logged loss equals the uninterrupted run's, each step once in metrics.jsonl."""
+    checkpoint, and every logged loss equals the uninterrupted run's (at the same layout), each step once in
+    metrics.jsonl. Three layouts: data, tensor and pipeline parallel each hold state a resume must restore."""
     import random
     import signal
 
+    if layout == LAYOUT:
+        ref_run = base["run"]
+    else:  # the uninterrupted run at this layout
+        ref_run = tmp_path / "straight"
+        _ok(_deepy(_config(ref_run, data, layout, train_iters=STEPS)))
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     after_step, delay = rng.randint(1, STEPS - 1), rng.uniform(0.0, 1.5)
-    cfg = _config(tmp_path, data, LAYOUT, train_iters=STEPS, load=str(tmp_path / "ckpt"))
+    cfg = _config(tmp_path, data, layout, train_iters=STEPS, load=str(tmp_path / "ckpt"))
     proc = _spawn(cfg, NEOX_FAULT_STEP_SLEEP="0.5")
     _wait_for(proc, f"step {after_step:>6}/")
     time.sleep(delay)
@@ -267,7 +274,7 @@ def test_kill_9_at_a_random_moment_then_the_resume_matches_the_straight_run(base
     _clean(out)
     assert "took over the stale run lock" in out, (seed, out[-3000:])
     assert out.count("skipping incomplete checkpoint") <= 1  # said once (rank 0), not once per rank
-    ref, resumed = _losses(base["run"]), _losses(tmp_path)
+    ref, resumed = _losses(ref_run), _losses(tmp_path)
     assert _logged_steps(tmp_path / "run") == list(range(1, STEPS + 1)), (seed, after_step, delay)
     assert [resumed[s] for s in resumed] == [ref[s] for s in resumed], (seed, after_step, delay)
 
