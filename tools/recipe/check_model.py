@@ -3,8 +3,8 @@ check of the merged model.
 
     python tools/recipe/check_model.py runs/recipe/hf/merged [--compare runs/recipe/hf/cpt runs/recipe/hf/sft]
 
-Loads the folder with AutoModelForCausalLM / AutoTokenizer (offline), prints its parameter count, the distance of
-its weights from the --compare models (a DARE-TIES merge of SFT onto CPT lies between them), and its greedy reply
+Loads the folder with AutoModelForCausalLM / AutoTokenizer (offline), prints its parameter count, the share of
+the SFT task vector DARE dropped (left at the CPT value) and the direction of the rest, and its greedy reply
 to one chat question through the folder's own chat template.
 """
 import argparse
@@ -35,9 +35,21 @@ def main(argv=None) -> int:
     if all(Path(x, "config.json").exists() for x in pair):
         cpt, sft = (AutoModelForCausalLM.from_pretrained(x, dtype=torch.float32).state_dict() for x in pair)
         merged = model.state_dict()
-        num = sum((merged[k] - cpt[k]).abs().sum().item() for k in cpt)
-        den = sum((sft[k] - cpt[k]).abs().sum().item() for k in cpt)
-        print(f"|merged - cpt| / |sft - cpt| = {num / max(den, 1e-30):.3f} (0: the CPT model, 1: as far as SFT)")
+        # DARE keeps each entry of the task vector (sft - cpt) with probability `density` and rescales it by
+        # 1/density; TIES' sign election changes nothing with one model. So: the share of changed entries left at
+        # the CPT value is about 1 - density, and the kept ones point along the task vector.
+        changed = dropped = 0
+        dot = norm_m = norm_s = 0.0
+        for k in cpt:
+            delta_s, delta_m = (sft[k] - cpt[k]).flatten(), (merged[k] - cpt[k]).flatten()
+            moved = delta_s != 0
+            changed += int(moved.sum())
+            dropped += int((moved & (delta_m == 0)).sum())
+            dot += float(delta_s @ delta_m)
+            norm_m, norm_s = norm_m + float(delta_m @ delta_m), norm_s + float(delta_s @ delta_s)
+        cos = dot / max((norm_m * norm_s) ** 0.5, 1e-30)
+        print(f"DARE dropped {dropped / max(changed, 1):.3f} of the {changed:,} entries SFT changed (left at CPT); "
+              f"cosine(merged - cpt, sft - cpt) = {cos:.3f}")
     ids = tok.apply_chat_template([{"role": "user", "content": args.question}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     with torch.no_grad():

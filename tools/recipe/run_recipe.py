@@ -104,7 +104,7 @@ def stages(v: dict) -> list:
         Stage("chat-data", "generated chat sources mixed by the mix tool", chat,
               [d / "sft/mix_train_messages_label_document.idx"], [d / "sft"]),
         Stage("base", "the base model: random-init HF Llama, converted at TP 2 x PP 2", base,
-              [r / "base_neox/latest"], [r / "hf/base", r / "base_neox"]),
+              [r / "hf/base/config.json", r / "base_neox/latest"], [r / "hf/base", r / "base_neox"]),
         Stage("cpt", "continued pretraining, 2.5 epochs with replay, TP 2 x PP 2, knowledge curve", cpt,
               [r / "cpt/checkpoints/latest", r / "cpt/metrics.jsonl"], [r / "cpt"]),
         Stage("sft", "SFT from the CPT checkpoint (finetune), assistant-only loss, DP 2", sft,
