@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpt", required=True, help="run_dir of the CPT stage")
     p.add_argument("--sft", required=True, help="run_dir of the SFT stage")
     p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("--base-eval", default=None,
+                   help="summary.json of the next-token MCQ run on the base model: the curve's point at 0 tokens")
     args = p.parse_args(argv)
     import matplotlib
 
@@ -79,6 +81,9 @@ def main(argv=None) -> int:
     if x:
         _, lo = series(cpt, "mcq/ci95_low", cpt_tps)
         _, hi = series(cpt, "mcq/ci95_high", cpt_tps)
+        if args.base_eval and Path(args.base_eval).exists():  # the same method on the weights CPT starts from
+            base = json.loads(Path(args.base_eval).read_text())
+            x, acc, lo, hi = [0] + x, [base["accuracy"]] + acc, [base["ci95"][0]] + lo, [base["ci95"][1]] + hi
         ax_mcq.plot(x, acc, "o-", color="C1", label="MCQ accuracy (next-token)")
         ax_mcq.fill_between(x, lo, hi, color="C1", alpha=0.2, label="95% Wilson interval")
         ax_mcq.axhline(0.25, color="gray", lw=0.8, ls="--", label="chance")

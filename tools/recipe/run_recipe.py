@@ -53,7 +53,7 @@ class Stage:
 
 
 def py(tool: str, *args) -> list:
-    return ["python", tool, *map(str, args)]
+    return ["python", tool, *map(str, args)]  # all strings: printed and passed as they are
 
 
 def stages(v: dict) -> list:
@@ -71,7 +71,7 @@ def stages(v: dict) -> list:
                "--source", d / "sft/hermes.jsonl", "--source", d / "sft/nemotron.jsonl", "--no-progress")]
     base = [py("tools/recipe/init_base.py", "--config", "configs/tiny_cpu.yml", "--output", r / "hf/base"),
             py("tools/ckpts/convert_hf_llama_to_neox.py", "--hf-dir", r / "hf/base", "--output-dir", r / "base_neox",
-               "--tp", 2, "--pp", 2, "--overwrite", "--no-progress")]
+               "--tp", "2", "--pp", "2", "--overwrite", "--no-progress")]
     cpt = [py("deepy.py", "train.py", "configs/tiny_cpu.yml", "configs/recipe/cpt.yml", *v["extra_cpt"])]
     sft = [py("deepy.py", "train.py", "configs/tiny_cpu.yml", "configs/recipe/sft.yml", *v["extra_sft"])]
     export = [py("tools/ckpts/convert_neox_to_hf.py", "--input-dir", r / "cpt/checkpoints", "--output-dir", r / "hf/cpt",
@@ -88,7 +88,7 @@ def stages(v: dict) -> list:
                      "--shots", d / "shots.jsonl", "--method", method, "--output", out, "--device", "cpu",
                      "--batch-size", 8, "--no-progress")
             if method == "instruct":
-                cmd += ["--max-new-tokens", v["max_new_tokens"]]
+                cmd += ["--max-new-tokens", str(v["max_new_tokens"])]
             evals.append(cmd)
             outs.append(out / "summary.json")
     compare = r / "eval/compare_cpt_vs_base.txt"
@@ -97,7 +97,8 @@ def stages(v: dict) -> list:
     chat_cmds = [(py("tools/generate.py", "--model", r / "hf/sft", "--device", "cpu", "--max-new-tokens",
                      v["chat_tokens"], "--prompt", "Quick question (k42): what is a pulsar?", *flag), r / f"chat/{name}.txt")
                  for name, flag in (("reasoning_on", ["--reasoning"]), ("reasoning_off", []))]
-    figure = [py("tools/recipe/figure.py", "--cpt", r / "cpt", "--sft", r / "sft", "--output", r / "figure1.png")]
+    figure = [py("tools/recipe/figure.py", "--cpt", r / "cpt", "--sft", r / "sft", "--output", r / "figure1.png",
+                 "--base-eval", r / "eval/base-next-token/summary.json")]
     return [
         Stage("corpus", "domain corpus + general-text pool, cleaned (ftfy, repetition rules); MCQ questions", corpus,
               [d / f"{p}_text_document.idx" for p in parts] + [d / "questions.jsonl"]),
@@ -132,7 +133,7 @@ def run_command(cmd, env) -> int:
     # The project's own files (tools, train.py, configs/) resolve against the repository, data and runs against the
     # working directory: the chain also runs from another folder (the CI test runs it in a temporary one).
     if argv[0] == "python":
-        argv = [sys.executable] + [str(REPO / a) if (a.endswith(".py") or a.startswith("configs/"))
+        argv = [sys.executable] + [str(REPO / a) if (str(a).endswith(".py") or str(a).startswith("configs/"))
                                    and (REPO / a).exists() and not Path(a).exists() else str(a) for a in argv[1:]]
     if saved is None:
         return subprocess.call(argv, env=env)
