@@ -74,10 +74,10 @@ def stages(v: dict) -> list:
                "--tp", "2", "--pp", "2", "--overwrite", "--no-progress")]
     cpt = [py("deepy.py", "train.py", "configs/tiny_cpu.yml", "configs/recipe/cpt.yml", *v["extra_cpt"])]
     sft = [py("deepy.py", "train.py", "configs/tiny_cpu.yml", "configs/recipe/sft.yml", *v["extra_sft"])]
-    export = [py("tools/ckpts/convert_neox_to_hf.py", "--input-dir", r / "cpt/checkpoints", "--output-dir", r / "hf/cpt",
-                 "--overwrite", "--no-progress"),
-              py("tools/ckpts/convert_neox_to_hf.py", "--input-dir", r / "sft/checkpoints", "--output-dir", r / "hf/sft",
-                 "--chat-model", "--overwrite", "--no-progress")]
+    export = [py("tools/ckpts/convert_neox_to_hf.py", "--input-dir", r / "cpt/checkpoints",
+                 "--output-dir", r / "hf/cpt", "--overwrite", "--no-progress"),
+              py("tools/ckpts/convert_neox_to_hf.py", "--input-dir", r / "sft/checkpoints",
+                 "--output-dir", r / "hf/sft", "--chat-model", "--overwrite", "--no-progress")]
     merge = [py("tools/recipe/merge.py", "configs/recipe/merge.yml", r / "hf/merged"),
              (py("tools/recipe/check_model.py", r / "hf/merged"), r / "hf/merged.check.txt")]
     evals, outs = [], []
@@ -95,7 +95,8 @@ def stages(v: dict) -> list:
     evals.append((py("tools/eval/mcq.py", "--compare", r / "eval/base-next-token", r / "eval/cpt-next-token"), compare))
     evals.append(py("tools/recipe/table.py", "--eval-dir", r / "eval", "--compare", compare))
     chat_cmds = [(py("tools/generate.py", "--model", r / "hf/sft", "--device", "cpu", "--max-new-tokens",
-                     v["chat_tokens"], "--prompt", "Quick question (k42): what is a pulsar?", *flag), r / f"chat/{name}.txt")
+                     v["chat_tokens"], "--prompt", "Quick question (k42): what is a pulsar?", *flag),
+                  r / f"chat/{name}.txt")
                  for name, flag in (("reasoning_on", ["--reasoning"]), ("reasoning_off", []))]
     figure = [py("tools/recipe/figure.py", "--cpt", r / "cpt", "--sft", r / "sft", "--output", r / "figure1.png",
                  "--base-eval", r / "eval/base-next-token/summary.json")]
