@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 REQS   := requirements/base.txt requirements/hf.txt requirements/logging.txt requirements/dev.txt requirements/eval.txt
 # torchao (3.4 MB of Python wheels): the FP8 tests run its emulation on CPU (tests/test_fp8.py).
 REQS   += requirements/fp8.txt
+# mergekit (pure Python): the recipe's merge stage, run by tests/test_recipe.py.
+REQS   += requirements/merge.txt
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-fast test-gpu docs-config clean-demo
@@ -20,6 +22,7 @@ $(STAMP): $(REQS)
 	$(PY) -m pip install -q --disable-pip-version-check $(PINS) -r requirements/base.txt -r requirements/hf.txt \
 		-r requirements/logging.txt -r requirements/dev.txt -r requirements/eval.txt
 	$(PY) -m pip install -q --disable-pip-version-check $(PINS) -r requirements/fp8.txt
+	$(PY) -m pip install -q --disable-pip-version-check $(PINS) -r requirements/merge.txt
 	@touch $(STAMP)
 
 # Tiny Llama-3.1 on CPU: Python's own documentation → Llama-3 tokenizer → .bin/.idx → 2 gloo ranks via deepy.py.
@@ -62,3 +65,13 @@ docs-config: $(STAMP)
 
 clean-demo:
 	rm -rf data/demo runs/demo data/demo_replay runs/demo_replay data/demo_sft runs/demo_sft
+
+# The AstroSage recipe in miniature (docs/recipe.md): raw text -> CPT with replay -> SFT -> HF export -> mergekit
+# DARE-TIES -> MCQ eval (table) -> chat -> Figure 1, under runs/recipe. Rerunning resumes at the first unfinished
+# stage; `python tools/recipe/run_recipe.py --list` prints every stage's commands.
+.PHONY: recipe clean-recipe
+recipe: $(STAMP)
+	$(PY) tools/recipe/run_recipe.py
+
+clean-recipe:
+	rm -rf data/recipe runs/recipe
