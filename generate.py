@@ -49,10 +49,10 @@ def main() -> int:
         return 2
 
     from megatron.generation.chat import PromptError
-    from megatron.generation.engine import Sampling, make_engine
-    from megatron.generation.loading import ModelLoadError, load_model
+    from megatron.generation.engine import Sampling
+    from megatron.generation.loading import ModelLoadError
     from megatron.generation.run import (
-        InputFileError, Options, generate_file, interactive, read_prompts, unconditional_prompts, use_chat)
+        InputFileError, Options, generate_file, interactive, open_model, read_prompts, unconditional_prompts)
 
     opts = Options(sampling=Sampling(max_new_tokens=cfg.maximum_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.generation_seed,
@@ -63,13 +63,9 @@ def main() -> int:
     out = cfg.sample_output_file or os.path.join(args.run_dir, "generations.jsonl")
     try:
         prompts = read_prompts(cfg.sample_input_file, cfg.prompt_end) if cfg.text_gen_type == "input-file" else None
-        lm = load_model(cfg.load, device=device_for_node(), dtype=cfg.precision, step=cfg.load_iteration,
-                        chat=cfg.generation_chat, weights=cfg.generation_backend == "hf",
-                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
-        chat = use_chat(lm, opts)
-        print(f"model: {lm.source} ({lm.kind}{f', step {lm.step}' if lm.step is not None else ''}, "
-              f"{'chat' if chat else 'base: plain completion'}, stops at {lm.eos_token_ids})", file=sys.stderr)
-        engine = make_engine(lm, cfg.generation_backend, cfg.generation_batch_size, cfg.load)
+        lm, chat, engine = open_model(cfg.load, opts, device=device_for_node(), dtype=cfg.precision,
+                                      step=cfg.load_iteration, chat=cfg.generation_chat,
+                                      backend=cfg.generation_backend, batch_size=cfg.generation_batch_size)
         if cfg.text_gen_type == "interactive":
             interactive(lm, engine, opts)
         else:

@@ -14,7 +14,6 @@ Prints a table and appends it to docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -34,23 +33,6 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate
     "1b": (2048, 16, 32, 8, 8192),
     "8b": (4096, 32, 32, 8, 14336),
 }
-TASK = """task: mcq_speed
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 def build_model(shape: str, out: Path, dtype: torch.dtype) -> None:
     import transformers
 
@@ -103,8 +85,8 @@ def main() -> int:
     from lm_eval.tasks import TaskManager
 
     from megatron.eval.next_token import NextTokenScorer, hf_candidate_logits
-    from megatron.eval.prompts import next_token_prompt
-    from megatron.eval.shots import PAPER_EXAMPLES, shots_for
+    from megatron.eval.lm_eval_task import write_mcq_task
+    from megatron.eval.shots import PAPER_EXAMPLES
     from megatron.generation.loading import load_model
 
     work = Path(tempfile.mkdtemp(prefix="mcq_speed_"))
@@ -133,12 +115,8 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     # lm-eval's hf model on the same prompts as a multiple_choice task (4 log-likelihood requests per question)
-    rows = [{"id": q.id, "prompt": next_token_prompt(q.question, q.options, shots_for(PAPER_EXAMPLES, q)),
-             "gold": "ABCD".index(q.answer)} for q in questions]
     tasks = work / "tasks"
-    tasks.mkdir()
-    (tasks / "mcq_speed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tasks / "mcq_speed.yaml").write_text(TASK.format(data=tasks / "mcq_speed.jsonl"))
+    rows = write_mcq_task(questions, PAPER_EXAMPLES, tasks, "mcq_speed")
     lm = HFLM(pretrained=str(folder), device=args.device, dtype=dtype, batch_size=args.batch_size)
     # (a) lm-eval's model alone: the 4 log-likelihood requests per question the multiple_choice task makes
     requests = [Instance(request_type="loglikelihood", doc=r, arguments=(r["prompt"], " " + letter), idx=k,

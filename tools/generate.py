@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     check_args(p, args)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from megatron.generation.chat import PromptError
-    from megatron.generation.engine import Sampling, make_engine
-    from megatron.generation.loading import ModelLoadError, load_model
+    from megatron.generation.engine import Sampling
+    from megatron.generation.loading import ModelLoadError
     from megatron.generation.run import InputFileError, Options, Prompt, device_default, generate_file, interactive
-    from megatron.generation.run import read_prompts, record, encode, use_chat
+    from megatron.generation.run import encode, open_model, read_prompts, record
 
     opts = Options(sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -98,13 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                    batch_size=args.batch_size, progress=not args.no_progress)
     try:
         prompts = read_prompts(args.input_file) if args.input_file else None  # a bad file fails before loading
-        lm = load_model(args.model, device=args.device or device_default(), dtype=args.dtype, step=args.step,
-                        chat=args.chat, weights=args.backend == "hf",
-                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
-        chat = use_chat(lm, opts)
-        print(f"model: {lm.source} ({lm.kind}{f', step {lm.step}' if lm.step is not None else ''}, "
-              f"{'chat' if chat else 'base: plain completion'}, stops at {lm.eos_token_ids})", file=sys.stderr)
-        engine = make_engine(lm, args.backend, args.batch_size, args.model)
+        lm, chat, engine = open_model(args.model, opts, device=args.device or device_default(), dtype=args.dtype,
+                                      step=args.step, chat=args.chat, backend=args.backend,
+                                      batch_size=args.batch_size)
         if prompts is not None:
             out = args.output_file or os.path.splitext(args.input_file)[0] + ".generations.jsonl"
             generate_file(lm, engine, prompts, out, opts)

@@ -227,3 +227,18 @@ def device_default() -> str:
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
+
+def open_model(path: str, opts: Options, *, device: str, dtype: Optional[str], step: Optional[int],
+               chat: Optional[bool], backend: str, batch_size: int) -> tuple[LoadedModel, bool, object]:
+    """Load the model, say what was loaded (on stderr), and start the engine: (model, chat prompts?, engine).
+    Shared by tools/generate.py and `deepy.py generate.py`, so both load and announce a model the same way."""
+    from megatron.generation.engine import make_engine
+    from megatron.generation.loading import load_model
+
+    lm = load_model(path, device=device, dtype=dtype, step=step, chat=chat, weights=backend == "hf",
+                    log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    use = use_chat(lm, opts)
+    print(f"model: {lm.source} ({lm.kind}{f', step {lm.step}' if lm.step is not None else ''}, "
+          f"{'chat' if use else 'base: plain completion'}, stops at {lm.eos_token_ids})", file=sys.stderr)
+    return lm, use, make_engine(lm, backend, batch_size, path)
+

@@ -9,42 +9,20 @@ from pathlib import Path
 
 import pytest
 
-import eval_helpers as H
 from eval_helpers import run_tool
 
 pytest.importorskip("lm_eval")
-
-TASK = """task: astro_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="session")
 def task_dir(eval_work, questions_file, shots_file) -> Path:
     """The questions of the MCQ runs, each doc's text the tool's own next-token prompt (same shots)."""
-    from megatron.eval.prompts import next_token_prompt
+    from megatron.eval.lm_eval_task import write_mcq_task
     from megatron.eval.questions import read_questions
-    from megatron.eval.shots import read_shots, shots_for
+    from megatron.eval.shots import read_shots
 
-    pool, questions = read_shots(shots_file), read_questions(questions_file)
-    rows = [{"id": q.id, "prompt": next_token_prompt(q.question, q.options, shots_for(pool, q)),
-             "gold": "ABCD".index(q.answer)} for q in questions]
     d = eval_work / "tasks"
-    d.mkdir()
-    data = H.write_jsonl(d / "astro_local.jsonl", rows)
-    (d / "astro_local.yaml").write_text(TASK.format(data=data))
+    write_mcq_task(read_questions(questions_file), read_shots(shots_file), d, "astro_local")
     return d
 
 
