@@ -5,27 +5,17 @@ FP8 GEMMs (`aten._scaled_mm`, cuBLAS tensorwise / CUTLASS rowwise) ran, with the
 Float8Linear, close to bf16, under selective recompute with the compiled pointwise ops, and into the fp32
 main_grad with gradient_accumulation_fusion."""
 
-import socket
 
 import pytest
 import torch
 
+from gpu_helpers import single_process
 from megatron.model import fp8
 
 if not torch.cuda.is_available():
     pytest.exit("tests_gpu needs a CUDA device", returncode=1)
 
 DEV = "cuda"
-
-
-def _single_process():
-    from megatron.parallel.layout import single_process_layout
-
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        single_process_layout(port=port)
 
 
 def _close(a, b, tol):
@@ -48,7 +38,7 @@ def test_parallel_layers_run_scaled_mm_like_torchao_float8linear(recipe, compile
     from megatron.core.model_parallel_config import ModelParallelConfig
     from torchao.float8.float8_linear import Float8Linear
 
-    _single_process()
+    single_process()
     torch.manual_seed(0)
     mp = ModelParallelConfig(tensor_model_parallel_size=1, params_dtype=torch.bfloat16)
     col = tensor_parallel.ColumnParallelLinear(4096, 2 * 14336, config=mp, init_method=torch.nn.init.normal_,
@@ -86,7 +76,7 @@ def test_fp8_layer_selective_recompute_and_compiled_pointwise(recipe):
     from megatron.model.config import LlamaConfig
     from megatron.model.layers import TransformerLayer
 
-    _single_process()
+    single_process()
     cfg = LlamaConfig(num_layers=1, hidden_size=2048, num_attention_heads=16, num_kv_heads=4, intermediate_size=8192,
                       vocab_size=1000, padded_vocab_size=1024, max_position_embeddings=4096,
                       params_dtype=torch.bfloat16, fuse_pointwise=True, fp8_recipe=recipe,
@@ -111,7 +101,7 @@ def test_fp8_weight_gradients_go_into_fp32_main_grad():
     from megatron.core import tensor_parallel
     from megatron.core.model_parallel_config import ModelParallelConfig
 
-    _single_process()
+    single_process()
     grad_accum_fusion.install()
     mp = ModelParallelConfig(tensor_model_parallel_size=1, params_dtype=torch.bfloat16,
                              gradient_accumulation_fusion=True)

@@ -5,7 +5,6 @@ torch.compile'd RMSNorm / RoPE / SwiGLU / cross-entropy, and the cuDNN and flash
 can silently fall back to a slow one with the same values (SDPA's backend list, compiled code run eagerly), the
 test also checks which path ran: values alone would pass either way."""
 
-import socket
 import warnings
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gpu_helpers import single_process
 from megatron.model import kernels
 from megatron.model.rope import RotaryEmbedding
 
@@ -94,16 +94,6 @@ def test_sdpa_backend_alone_matches_math(backend):
         _close(a, r, 2e-2)  # q, k, v gradients each against its own scale
 
 
-def _single_process():
-    from megatron.parallel.layout import single_process_layout
-
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        single_process_layout(port=port)
-
-
 def test_the_models_attention_layer_runs_cudnn_attention_on_hopper():
     """What a `fast` run executes: the model's Attention layer (megatron/model/layers.py) with attention_backend
     auto, compiled RoPE, bf16, at 8B-width heads (32:8, d 128), forward and backward under the profiler: cuDNN's
@@ -116,7 +106,7 @@ def test_the_models_attention_layer_runs_cudnn_attention_on_hopper():
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("attention_backend auto prefers cuDNN on Hopper and later only")
-    _single_process()
+    single_process()
     cfg = LlamaConfig(num_layers=1, hidden_size=4096, num_attention_heads=32, num_kv_heads=8, intermediate_size=14336,
                       vocab_size=1000, padded_vocab_size=1024, max_position_embeddings=8192,
                       params_dtype=torch.bfloat16, fuse_pointwise=True, attention_backend="auto")
@@ -235,7 +225,7 @@ def test_selective_recompute_matches_no_checkpointing_on_cuda(documents):
     from megatron.model.config import LlamaConfig
     from megatron.model.layers import TransformerLayer
 
-    _single_process()
+    single_process()
     cfg = LlamaConfig(num_layers=1, hidden_size=1024, num_attention_heads=8, num_kv_heads=2, intermediate_size=2816,
                       vocab_size=1000, padded_vocab_size=1024, max_position_embeddings=4096,
                       params_dtype=torch.bfloat16, fuse_pointwise=True, eod_token_id=0,
