@@ -243,7 +243,6 @@ def _training(cfg: "NeoXConfig") -> list[ConfigIssue]:
     if cfg.precision and cfg.bf16 is not None and (cfg.precision == "bf16") != cfg.bf16.enabled:
         issues.append(ConfigIssue("precision,bf16", f"precision {cfg.precision!r} contradicts bf16.enabled "
                                   f"{cfg.bf16.enabled}", "keep one of the two keys", cfg.precision))
-    explicit_bf16 = cfg.precision == "bf16" or (cfg.precision is None and cfg.bf16 is not None and cfg.bf16.enabled)
     if cfg.zero_optimization.stage == 0:
         # Under stage 0, clipping and the norm are left to DeepSpeed's plain-optimizer path: it reports no norm
         # (logged as 0, so a NaN gradient under a finite loss is never seen by the bad-step guard) and, with pipeline

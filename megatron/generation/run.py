@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 from megatron.generation.chat import (
-    THINK_PREFILL, PromptError, chat_messages, chat_prompt_ids, completion_prompt_ids, split_reasoning)
+    THINK_PREFILL, PromptError, chat_prompt_ids, completion_prompt_ids, split_reasoning)
 from megatron.generation.engine import Completion, Sampling, check_prompts
 from megatron.generation.loading import LoadedModel
 

@@ -2,7 +2,6 @@
 folder load into transformers' LlamaForCausalLM with the source's logits; chat prompts equal llama-models'
 ChatFormat token for token; bad paths raise ModelLoadError naming the path. All in this process, ~10 s."""
 
-import json
 import shutil
 import sys
 from pathlib import Path
