@@ -35,20 +35,48 @@ def cuda_device_count() -> int:
         return 0
 
 
+# Entry scripts that run as one process with their own config rules (not the training launch).
+SINGLE_PROCESS = {"generate.py": "generate", "eval.py": "eval"}
+OVERRIDES = ("eval_tasks", "eval_results_prefix", "iteration", "sample_input_file", "sample_output_file",
+             "wandb_group", "wandb_team", "hostfile")
+
+
+def with_suffix(path: str) -> str:
+    """GPT-NeoX accepts `125M` for `125M.yml`."""
+    if not os.path.exists(path) and not path.endswith((".yml", ".yaml", ".json")) and os.path.exists(path + ".yml"):
+        return path + ".yml"
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("script", help="the worker script, normally train.py")
     parser.add_argument("configs", nargs="+", help="YAML files, merged in order")
     parser.add_argument("-d", "--conf_dir", default=None, help="directory the config names are relative to")
     parser.add_argument("--dry-run", action="store_true", help="validate, write the config, print the command")
+    # GPT-NeoX's deepy.py options: each overrides the config key of the same name (printed as an override).
+    neox = parser.add_argument_group("GPT-NeoX overrides")
+    neox.add_argument("--eval_tasks", nargs="+", default=None, help="eval.py: lm-eval tasks")
+    neox.add_argument("--eval_results_prefix", default=None, help="eval.py: results file prefix")
+    neox.add_argument("--iteration", type=int, default=None, help="eval.py / generate.py: step to load "
+                      "(load_iteration); default the latest")
+    neox.add_argument("-i", "--sample_input_file", default=None, help="generate.py: prompt file")
+    neox.add_argument("-o", "--sample_output_file", default=None, help="generate.py: output file")
+    neox.add_argument("--wandb_group", default=None)
+    neox.add_argument("--wandb_team", default=None)
+    neox.add_argument("-H", "--hostfile", default=None)
     args = parser.parse_args(argv)
 
-    paths = [os.path.join(args.conf_dir, c) if args.conf_dir else c for c in args.configs]
+    paths = [with_suffix(os.path.join(args.conf_dir, c) if args.conf_dir else c) for c in args.configs]
+    overrides = {k: v for k, v in vars(args).items() if k in OVERRIDES and v is not None}
+    if "iteration" in overrides:
+        overrides["load_iteration"] = overrides.pop("iteration")
     gpus = cuda_device_count()
-    # generate.py is one process (its model may span a node's GPUs) validated by the generation rules.
-    generating = Path(args.script).name == "generate.py"
+    # generate.py and eval.py are one process (the model may span a node's GPUs), validated by their own rules.
+    purpose = SINGLE_PROCESS.get(Path(args.script).name, "train")
+    single_process = purpose != "train"
     try:
-        loaded = load_config(paths, available_devices=gpus or None, purpose="generate" if generating else "train")
+        loaded = load_config(paths, extra=overrides, available_devices=gpus or None, purpose=purpose)
     except ConfigError as err:
         print(err.format(), file=sys.stderr)
         return 2
@@ -64,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"info  GPT-NeoX {line}")
     from megatron.preflight import before_launch  # data, checkpoint and run-lock checks on disk (exit 2 if bad)
 
-    # generate.py reads `load` (a checkpoint or an HF folder) and writes no checkpoint: its loader checks the model.
-    if not generating and before_launch(cfg, loaded.sources, dry_run=args.dry_run):
+    # generate.py / eval.py read `load` (a checkpoint or an HF folder) and write no checkpoint: their loader checks
+    # the model.
+    if not single_process and before_launch(cfg, loaded.sources, dry_run=args.dry_run):
         return 2
 
     run_dir = Path(cfg.run_dir or os.path.join("runs", Path(paths[-1]).stem))
@@ -78,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     save_resolved(cfg, config_path)
     print(f"resolved config: {config_path}")
-    if generating:  # one process: transformers places the model itself (device_map), no DeepSpeed runner
+    if single_process:  # one process: transformers places the model itself (device_map), no DeepSpeed runner
         launch.cmd = [sys.executable, "-u", args.script, "--config", str(config_path), "--run-dir",
                       str(run_dir.resolve())]
     for note in launch.notes:

@@ -318,6 +318,10 @@ def resolve_tag(input_dir: Path, iteration: Optional[int] = None, log: Callable[
             warnings.simplefilter("always")
             tag = metadata.find_loadable_tag(input_dir, wanted)
     except FileNotFoundError as e:
+        if wanted is not None and not (input_dir / wanted).exists():
+            steps = [metadata.tag_iteration(t) for t in metadata.complete_tags(input_dir)]
+            raise ConversionError(f"{input_dir} has no checkpoint of step {iteration}; complete steps: "
+                                  f"{', '.join(map(str, steps)) or 'none'}") from None
         raise ConversionError(str(e)) from None
     if tag is not None:
         for w in caught:  # e.g. a newer tag whose save was interrupted, skipped for this one

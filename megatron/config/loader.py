@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from megatron.config.errors import ConfigError, ConfigIssue
 from megatron.config.neox_compat import translate
 from megatron.config.schema import NeoXConfig, all_keys
-from megatron.config.validate import check_cross_field, check_generation
+from megatron.config.validate import check_cross_field, check_eval, check_generation
 
 
 @dataclass
@@ -126,8 +126,8 @@ def build_config(
     raw: dict[str, Any], sources: Optional[dict[str, str]] = None, available_devices: Optional[int] = None,
     world_size: Optional[int] = None, purpose: str = "train",
 ) -> NeoXConfig:
-    """Validate a merged mapping. Raises ConfigError listing every problem. `purpose` "generate": the generation
-    rules (`check_generation`) instead of the training ones."""
+    """Validate a merged mapping. Raises ConfigError listing every problem. `purpose` "generate" / "eval": the
+    generation rules (`check_generation`) or the lm-eval ones (`check_eval`) instead of the training ones."""
     sources = sources or {}
     raw, _notes, issues = translate(raw, sources, set(NeoXConfig.model_fields))
     issues += _unknown_key_issues(raw, sources)
@@ -146,7 +146,7 @@ def build_config(
             raise ConfigError(issues) from None
     issues += [
         i
-        for i in (check_generation(cfg) if purpose == "generate" else
+        for i in (check_generation(cfg) if purpose == "generate" else check_eval(cfg) if purpose == "eval" else
                   check_cross_field(cfg, available_devices=available_devices, world_size=world_size))
         if not (set(i.key.split(",")) & bad_keys)
     ]

@@ -49,7 +49,6 @@ _NO_MUP = "muP is not implemented; remove it (standard parametrisation, init_met
 _NO_MOE = "mixture-of-experts is not implemented: Llama-3.1 is dense; remove it"
 _NO_TE = "Transformer Engine layers are not used (megatron-core's local TP layers are); remove it"
 _NO_MAMBA = "Mamba/RWKV blocks are not implemented (Llama-3.1 only); remove it"
-_NO_EVAL = "evaluation runs through tools/eval/harness.py (lm-eval) and tools/eval/mcq.py, not a config key"
 _NO_COMET = "Comet is not supported; use use_wandb or tensorboard_dir"
 
 # GPT-NeoX key -> how it is handled here. Keys are written with underscores (hyphens are normalised first).
@@ -256,7 +255,6 @@ TABLE: dict[str, Compat] = {
     # ---- text generation: text_gen_type, maximum_tokens, ... are schema keys (deepy.py generate.py) ----
     "return_logits": _off("generate.py writes text and token ids", "remove it (logits are not written)"),
     "use_cache": Compat(ANY, "generate.py always keeps a KV cache unless recompute: true"),
-    "eval_results_prefix": Compat(ANY, _NO_EVAL), "eval_tasks": Compat(ANY, _NO_EVAL),
 }
 TABLE.pop("init_method_std")  # a schema key; listed only to keep the model block above readable
 
@@ -555,7 +553,7 @@ train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps opti
 zero_optimization data_types hostfile include exclude num_nodes num_gpus master_port master_addr launcher
 no_ssh_check force_multi comment pack_impl
 text_gen_type temperature top_p top_k maximum_tokens prompt_end sample_input_file sample_output_file num_samples
-recompute
+recompute eval_tasks eval_results_prefix
 """.split())
 
 

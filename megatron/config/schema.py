@@ -436,6 +436,23 @@ class EvalArgs(_Strict):
         None, description="Knowledge curve during CPT: the next-token MCQ on the training model every `interval` "
         "steps, logged as mcq/accuracy with its 95% Wilson interval (equals tools/eval/mcq.py on that step's "
         "checkpoint).")
+    eval_tasks: Optional[list[str]] = Field(
+        None, description="eval.py (`python deepy.py eval.py CONFIG --eval_tasks ...`): lm-evaluation-harness task "
+        "names (or groups) scored on the model in `load`; every document is scored.")
+    eval_results_prefix: Optional[str] = Field(
+        None, description="eval.py: results go to PREFIX_eval_results_DATE.json (GPT-NeoX's naming); unset means "
+        "RUN_DIR/eval.")
+    eval_include_path: Optional[str] = Field(
+        None, description="eval.py: a folder of your own lm-eval task YAMLs (lm-eval's --include_path).")
+    eval_num_fewshot: Optional[int] = Field(
+        None, ge=0, description="eval.py: few-shot examples per document; unset means each task's own default.")
+    eval_batch_size: int = Field(8, gt=0, description="eval.py: documents scored together.")
+    eval_limit: Optional[int] = Field(
+        None, gt=0, description="eval.py: score only the first N documents per task (a quick check; the results "
+        "say so). Unset: every document.")
+    eval_log_samples: bool = Field(
+        False, description="eval.py: also write every document's inputs, model answers and scores "
+        "(PREFIX_samples_TASK.jsonl).")
 
 
 SECTIONS: tuple[type[_Strict], ...] = (

@@ -444,18 +444,36 @@ def _mcq_eval(cfg: "NeoXConfig") -> list[ConfigIssue]:
 
 
 # ---------------------------------------------------------------------------------------------------- generation
+def _model_to_load(cfg: "NeoXConfig", script: str) -> list[ConfigIssue]:
+    if not cfg.load:
+        return [ConfigIssue("load", f"{script} needs the model to load", "set load: a checkpoint folder of this "
+                            "trainer (a run's save) or a Hugging Face model folder", None)]
+    if not Path(cfg.load).exists():
+        return [ConfigIssue("load", f"{cfg.load} does not exist", "set load to a checkpoint folder or a Hugging "
+                            "Face model folder", cfg.load)]
+    return []
+
+
+def check_eval(cfg: "NeoXConfig") -> list[ConfigIssue]:
+    """The rules for `python deepy.py eval.py` (GPT-NeoX's surface for lm-evaluation-harness): a model to load and
+    the tasks; the training rules do not apply. Task names are checked against lm-eval's registry by eval.py
+    before the model loads."""
+    issues = _model_to_load(cfg, "eval.py")
+    if not cfg.eval_tasks:
+        issues.append(ConfigIssue("eval_tasks", "eval.py needs the tasks to score", "set eval_tasks: [task, ...] "
+                                  "or pass --eval_tasks TASK [TASK ...] to deepy.py", cfg.eval_tasks))
+    if cfg.eval_include_path and not Path(cfg.eval_include_path).is_dir():
+        issues.append(ConfigIssue("eval_include_path", "folder not found", "give the folder holding your task "
+                                  "YAMLs", cfg.eval_include_path))
+    return issues
+
+
 def check_generation(cfg: "NeoXConfig") -> list[ConfigIssue]:
     """The rules for `python deepy.py generate.py` (instead of the training rules: the model keys come from the
     checkpoint, data and schedule do not apply). Generation keys that do not apply to the chosen text_gen_type
     are refused rather than silently ignored."""
-    issues = []
+    issues = _model_to_load(cfg, "generate.py")
     mode = cfg.text_gen_type
-    if not cfg.load:
-        issues.append(ConfigIssue("load", "generate.py needs the model to load", "set load: a checkpoint folder of "
-                                  "this trainer (a run's save) or a Hugging Face model folder", None))
-    elif not Path(cfg.load).exists():
-        issues.append(ConfigIssue("load", f"{cfg.load} does not exist", "set load to a checkpoint folder or a "
-                                  "Hugging Face model folder", cfg.load))
     if mode == "input-file":
         if not cfg.sample_input_file:
             issues.append(ConfigIssue("sample_input_file", "text_gen_type input-file needs the prompt file",

@@ -1,6 +1,6 @@
-"""lm-evaluation-harness: the registered "neox" model on the TP 2 x PP 2 checkpoint scores a local task (a JSONL
-this test writes, no hub) end to end, every document, with the accuracy lm-eval's own `hf` model gets on the
-exported folder; and lm-eval's per-document choice equals tools/eval/mcq.py's next-token prediction on the same
+"""lm-evaluation-harness: `python deepy.py eval.py` (GPT-NeoX's surface; the registered "neox" model) on the TP 2 x
+PP 2 checkpoint scores a local task (a JSONL this test writes, no hub) end to end, every document, with the accuracy
+lm-eval's own `hf` model gets on the exported folder through tools/eval/harness.py; and lm-eval's per-document choice equals tools/eval/mcq.py's next-token prediction on the same
 prompts (lm-eval compares log-likelihoods of " A".." D", the tool the four next-token logits)."""
 
 import glob
@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from eval_helpers import run_tool
 
@@ -37,9 +38,24 @@ def harness(eval_work, task_dir, model, model_args, name) -> dict:
     return {"results": results, "samples": samples}
 
 
+def deepy_eval(eval_work, task_dir, checkpoint) -> dict:
+    """GPT-NeoX's surface: `python deepy.py eval.py CONFIG --eval_tasks ...` on the TP 2 x PP 2 checkpoint."""
+    out = eval_work / "deepy_eval"
+    cfg = eval_work / "eval.yml"
+    cfg.write_text(yaml.safe_dump({"load": str(checkpoint), "precision": "fp32", "eval_include_path": str(task_dir),
+                                   "eval_results_prefix": str(out / "neox"), "eval_log_samples": True,
+                                   "eval_batch_size": 8, "run_dir": str(out)}))
+    proc = run_tool(["deepy.py", "eval.py", cfg, "--eval_tasks", "astro_local"])
+    assert yaml.safe_load((out / "config.yml").read_text())["eval_tasks"] == ["astro_local"]  # from the command line
+    assert "|astro_local|" in proc.stdout.replace(" ", "")  # lm-eval's table
+    results = json.loads(Path(sorted(glob.glob(f"{out}/neox_eval_results_*.json"))[-1]).read_text())
+    samples = [json.loads(x) for x in (out / "neox_samples_astro_local.jsonl").read_text().splitlines()]
+    return {"results": results, "samples": samples}
+
+
 @pytest.fixture(scope="session")
 def neox_vs_hf(eval_work, task_dir, memorised):
-    ours = harness(eval_work, task_dir, "neox", f"path={memorised['checkpoint']},dtype=fp32", "neox")
+    ours = deepy_eval(eval_work, task_dir, memorised["checkpoint"])
     ref = harness(eval_work, task_dir, "hf", f"pretrained={memorised['export']},dtype=float32", "hf")
     return ours, ref
 
@@ -63,3 +79,16 @@ def test_lm_eval_choices_equal_the_mcq_tool(neox_vs_hf, export_run):
         lls = [float(r[0]) for r in s["filtered_resps"]]  # lm-eval logs (log-likelihood, is-greedy) as strings
         picked[s["doc"]["id"]] = "ABCD"[max(range(4), key=lambda i: lls[i])]
     assert picked == tool
+
+
+def test_deepy_eval_refuses_an_unknown_task_before_loading(eval_work, task_dir, memorised):
+    cfg = eval_work / "eval_bad.yml"
+    cfg.write_text(yaml.safe_dump({"load": str(memorised["checkpoint"]), "eval_include_path": str(task_dir),
+                                   "eval_tasks": ["astro_locl"], "run_dir": str(eval_work / "deepy_eval_bad")}))
+    proc = run_tool(["deepy.py", "eval.py", cfg], check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "unknown lm-eval task 'astro_locl' (did you mean astro_local" in proc.stderr
+    assert "Traceback" not in proc.stderr and "model:" not in proc.stdout
+    proc = run_tool(["deepy.py", "eval.py", cfg, "--eval_tasks", "astro_local", "--iteration", "7"], check=False)
+    assert proc.returncode == 2 and "has no checkpoint of step 7; complete steps: 0" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
