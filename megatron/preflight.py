@@ -196,13 +196,34 @@ def data_issues(cfg: NeoXConfig, sources: dict) -> list[ConfigIssue]:
     return issues
 
 
+def mcq_eval_issues(cfg: NeoXConfig, sources: dict) -> list[ConfigIssue]:
+    """mcq_eval questions whose prompt (with its two shots) is longer than seq_length: refused here, with the
+    tokenizer the run will use, rather than when the ranks start. The files' rows were checked by validation."""
+    if cfg.mcq_eval is None:
+        return []
+    try:
+        from megatron.data.tokenizer import build_tokenizer
+        from megatron.eval.in_training import long_prompts, read_spec
+
+        questions, pool = read_spec(cfg.mcq_eval)
+        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
+    except Exception:  # a bad file is reported by validation; a tokenizer that cannot be built, by the workers
+        return []
+    problems = long_prompts(questions, pool, tokenizer, cfg.seq_length, cfg.mcq_eval.questions)
+    if not problems:
+        return []
+    shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+    return [ConfigIssue("mcq_eval.questions", "; ".join(shown), "use shorter shots (mcq_eval.shots), leave these "
+                        "questions out, or raise seq_length", cfg.mcq_eval.questions, sources.get("mcq_eval"))]
+
+
 # ---------------------------------------------------------------- the one call deepy.py makes
 def before_launch(cfg: NeoXConfig, sources: dict, dry_run: bool = False) -> int:
     """Run every check; print the problems and return 2, or take the run lock (held until this process exits)
     and return 0. A dry run checks nothing on disk (it may run where the data and checkpoints are not)."""
     if dry_run:
         return 0
-    issues = checkpoint_issues(cfg, sources) + data_issues(cfg, sources)
+    issues = checkpoint_issues(cfg, sources) + data_issues(cfg, sources) + mcq_eval_issues(cfg, sources)
     if issues:
         print(ConfigError(issues).format(), file=sys.stderr, flush=True)
         return 2

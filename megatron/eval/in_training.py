@@ -98,24 +98,40 @@ def engine_candidate_logits(engine, seq_length: int, micro_batch: int, pad_id: i
     return candidate_logits
 
 
+def read_spec(spec) -> tuple[list, list]:
+    """(questions, shot pool) of an mcq_eval spec; the paper's appendix examples when it names no shots."""
+    from megatron.eval.questions import read_questions
+    from megatron.eval.shots import PAPER_EXAMPLES, read_shots
+
+    return read_questions(spec.questions), (read_shots(spec.shots) if spec.shots else PAPER_EXAMPLES)
+
+
+def long_prompts(questions, pool, tokenizer, seq_length: int, path: str) -> list[str]:
+    """One message per question whose next-token prompt does not fit in seq_length (they would be cut)."""
+    from megatron.eval.next_token import prompt_ids
+    from megatron.eval.prompts import next_token_prompt
+    from megatron.eval.shots import shots_for
+
+    problems = []
+    for q in questions:
+        n = len(prompt_ids(tokenizer, next_token_prompt(q.question, q.options, shots_for(pool, q)), False))
+        if n > seq_length:
+            problems.append(f"{path}:{q.line}: the next-token prompt of question {q.id!r} is {n} tokens, longer "
+                            f"than seq_length {seq_length}")
+    return problems
+
+
 class TrainingMCQ:
     """mcq_eval: built once at start-up (bad files and prompts too long for seq_length fail then), run when due."""
 
     def __init__(self, spec, cfg, tokenizer, engine, run_dir: str, log, is_logger: bool):
-        from megatron.eval.next_token import prompt_ids
-        from megatron.eval.prompts import next_token_prompt
-        from megatron.eval.questions import QuestionFileError, read_questions
-        from megatron.eval.shots import PAPER_EXAMPLES, read_shots, shots_for
+        from megatron.eval.questions import QuestionFileError
 
         self.spec, self.cfg, self.tokenizer, self.engine = spec, cfg, tokenizer, engine
-        self.questions = read_questions(spec.questions)
-        self.pool = read_shots(spec.shots) if spec.shots else PAPER_EXAMPLES
-        for q in self.questions:
-            n = len(prompt_ids(tokenizer, next_token_prompt(q.question, q.options, shots_for(self.pool, q)), False))
-            if n > cfg.seq_length:
-                raise QuestionFileError(f"{spec.questions}:{q.line}: the next-token prompt of question {q.id!r} is "
-                                        f"{n} tokens, longer than seq_length {cfg.seq_length}; use shorter shots "
-                                        "(mcq_eval.shots) or leave the question out")
+        self.questions, self.pool = read_spec(spec)
+        too_long = long_prompts(self.questions, self.pool, tokenizer, cfg.seq_length, spec.questions)
+        if too_long:  # deepy.py refuses these before launch (megatron/preflight.py); a rank started by hand too
+            raise QuestionFileError(too_long[0])
         self.out_dir = os.path.join(run_dir, "mcq")
         self.log, self.is_logger = log, is_logger
 

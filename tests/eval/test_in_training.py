@@ -79,3 +79,20 @@ def test_a_bad_mcq_eval_file_is_a_config_error_before_launch(eval_work):
     assert proc.returncode == 2
     assert f"mcq_eval.questions = '{bad}': {bad}:2: 'options' must be a list of exactly 4 strings" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_question_longer_than_seq_length_is_refused_before_launch(eval_work, training_run, shots_file):
+    long_q = eval_work / "long_questions.jsonl"
+    long_q.write_text(json.dumps({"id": "long-one", "question": "Why? " * 150, "A": "a", "B": "b", "C": "c",
+                                  "D": "d", "answer": "A"}) + "\n")
+    (eval_work / "long_mcq.yml").write_text(yaml.safe_dump({
+        "save": str(eval_work / "long_ckpt"), "run_dir": str(eval_work / "long_run"),
+        "mcq_eval": {"questions": str(long_q), "shots": shots_file, "interval": 2}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(ROOT / "configs" / "tiny_cpu.yml"),
+                           str(eval_work / "memorised_tp2_pp2" / "model.yml"), str(eval_work / "mcq_run.yml"),
+                           str(eval_work / "long_mcq.yml")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=ENV)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{long_q}:1: the next-token prompt of question 'long-one' is" in proc.stderr
+    assert "longer than seq_length 128" in proc.stderr and "launch:" not in proc.stdout
+    assert not (eval_work / "long_ckpt").exists()
