@@ -154,7 +154,8 @@ def main() -> int:
         "batch, run one after the other in one process.", "",
         "| scorer | seconds | questions/s | ours is faster by | predictions agreeing with ours |",
         "|---|---:|---:|---:|---:|",
-        f"| tools/eval/mcq.py next-token (one forward per question, last-position logits) | {ours_s:.2f} | "
+        f"| tools/eval/mcq.py next-token (shared prompt prefix run once, then each question's own tokens; "
+        f"last-position logits) | {ours_s:.2f} | "
         f"{n / ours_s:.1f} | | |",
         f"| lm-eval `hf` model: loglikelihood of the {4 * n} requests | {model_s:.2f} | {n / model_s:.1f} | "
         f"{model_s / ours_s:.2f}x | {agree}/{n} |",

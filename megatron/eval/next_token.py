@@ -72,23 +72,72 @@ def letter_scores(four: torch.Tensor) -> tuple[list[str], list[list[float]]]:
     return [LETTERS[int(i)] for i in four.argmax(dim=-1)], probs.tolist()
 
 
-def hf_candidate_logits(model, pad_id: int = 0) -> CandidateLogits:
+def common_prefix_length(batch: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own."""
+    n = min(len(x) for x in batch) - 1
+    first = batch[0]
+    for row in batch[1:]:
+        k = 0
+        while k < n and row[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+# Below this many shared tokens the prefix pass is not worth its own forward.
+MIN_SHARED_PREFIX = 16
+
+
+def hf_candidate_logits(model, pad_id: int = 0, share_prefix: bool = True) -> CandidateLogits:
     """candidate_logits for a transformers causal LM: right-padded batch (a causal model's real positions never
     see the padding, and positions stay 0..len-1), the final norm's output gathered at each row's last real token,
     and only those rows through the LM head (a [B, T, 128256] logits tensor would dwarf the model on long
-    prompts)."""
+    prompts).
+
+    Every prompt of a run starts with the same header and two shots (about 300 of ~370 tokens on Astrobench), so
+    with `share_prefix` the tokens a batch's rows share are run once, their KV cache (transformers' DynamicCache,
+    kept while the next batch shares the same prefix) is repeated over the batch, and only each question's own
+    tokens go through the model. The logits are those of the full forward up to float rounding (tested); a causal
+    model's positions after the prefix see exactly the prefix's keys and values either way."""
+    import copy
+    import inspect
+
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     body, head = model.get_decoder(), model.get_output_embeddings()  # LlamaForCausalLM: .model, .lm_head
+    kept: dict = {}  # {"ids": shared prefix ids, "cache": its DynamicCache (batch 1)}
+    # transformers 5.x names the argument `cache` (`past_key_values` is deprecated there); 4.x knows only the latter.
+    cache_arg = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+    def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lens = torch.tensor([len(x) for x in rows])
+        tokens = torch.full((len(rows), int(lens.max())), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for i, x in enumerate(rows):
+            tokens[i, :len(x)] = torch.tensor(x)
+            mask[i, :len(x)] = 1
+        return tokens.to(device), mask.to(device), lens
 
     @torch.inference_mode()
     def candidate_logits(batch: list[list[int]], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        lens = torch.tensor([len(x) for x in batch])
-        tokens = torch.full((len(batch), int(lens.max())), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(tokens)
-        for i, x in enumerate(batch):
-            tokens[i, :len(x)] = torch.tensor(x)
-            mask[i, :len(x)] = 1
-        hidden = body(input_ids=tokens.to(device), attention_mask=mask.to(device)).last_hidden_state
+        shared = common_prefix_length(batch) if share_prefix else 0
+        if shared < MIN_SHARED_PREFIX:
+            tokens, mask, lens = right_padded(batch)
+            hidden = body(input_ids=tokens, attention_mask=mask).last_hidden_state
+        else:
+            prefix = batch[0][:shared]
+            if kept.get("ids") != prefix:
+                cache = DynamicCache()
+                body(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_arg: cache})
+                kept.update(ids=prefix, cache=cache)
+            cache = copy.deepcopy(kept["cache"])  # the forward below appends the questions' keys and values to it
+            cache.batch_repeat_interleave(len(batch))
+            tokens, mask, lens = right_padded([x[shared:] for x in batch])
+            mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype, device=device), mask], dim=1)
+            positions = torch.arange(shared, shared + tokens.shape[1], device=device).expand(len(batch), -1)
+            hidden = body(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{cache_arg: cache}).last_hidden_state
         last = hidden[torch.arange(len(batch), device=device), (lens - 1).to(device)]
         logits = head(last).float()
         return logits[:, ids].cpu(), logits.logsumexp(dim=-1).cpu()
