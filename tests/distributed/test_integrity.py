@@ -247,12 +247,13 @@ def test_a_killed_writer_leaves_no_temporary_file_behind(tmp_path):
     assert not stale.exists() and live.exists()
 
 
-@pytest.mark.parametrize("layout", [LAYOUT, (2, 1, 1), (1, 2, 1)], ids=["dp2", "tp2", "pp2"])
+@pytest.mark.parametrize("layout", [LAYOUT, (2, 2, 1)], ids=["dp2", "tp2-pp2"])
 def test_kill_9_at_a_random_moment_then_the_resume_matches_the_straight_run(base, data, tmp_path, layout):
     """SIGKILL to the whole job (launcher and ranks) after a random step plus a random delay — mid-step, mid-save
     or between — then the same command again: it takes over the dead job's lock, resumes from the newest complete
     checkpoint, and every logged loss equals the uninterrupted run's (at the same layout), each step once in
-    metrics.jsonl. Three layouts: data, tensor and pipeline parallel each hold state a resume must restore."""
+    metrics.jsonl. Two layouts, DP 2 and TP 2 x PP 2: data, tensor and pipeline parallel each hold state a resume
+    must restore (ZeRO-1 optimizer shards; per-TP-rank weight and RNG shards; per-stage layer files)."""
     import random
     import signal
 
