@@ -186,6 +186,18 @@ def test_deepy_dry_run_writes_resolved_config_and_command(tmp_path):
     assert "--num_gpus 2" in proc.stdout and "--config" in proc.stdout
 
 
+def test_deepy_takes_gpt_neox_options_and_config_names_without_suffix(tmp_path):
+    """GPT-NeoX's `deepy.py train.py -d DIR NAME --wandb_group G`: NAME.yml in DIR, the option overriding the key."""
+    write(tmp_path, "good.yml", yaml.safe_dump(tiny_raw(num_gpus=2, run_dir=str(tmp_path / "run"),
+                                                        wandb_group="from-file")))
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", "-d", str(tmp_path), "good",
+                           "--wandb_group", "from-cli", "--dry-run"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wandb_group: 'from-file'" in proc.stdout and "-> 'from-cli' (command line)" in proc.stdout
+    assert yaml.safe_load((tmp_path / "run" / "config.yml").read_text())["wandb_group"] == "from-cli"
+
+
 def test_key_reference_is_up_to_date():
     committed = (CONFIGS / "README.md").read_text()
     assert committed == render(), "configs/README.md is stale: run `make docs-config`"
