@@ -214,6 +214,11 @@ def interactive(lm: LoadedModel, engine, opts: Options, inp: TextIO = sys.stdin,
             history += [("user", text), ("assistant", answer if reasoning is not None else c.text)]
         shown = answer if (opts.hide_reasoning and reasoning is not None) else (
             (THINK_PREFILL if chat and opts.reasoning else "") + c.text)
+        if not shown.strip() and reasoning:  # hidden reasoning that never reached </think>: say so, not a blank
+            why = ("the token limit came first: raise it" if c.stop == "length" else
+                   "the model ended its reply inside <think>")
+            shown = (f"(no answer: {c.tokens} tokens of reasoning without </think>; {why}, or drop --hide-reasoning "
+                     "to read the reasoning)")
         print(shown if chat else text + shown, file=out, flush=True)
         replies, tokens, seconds = replies + 1, tokens + c.tokens, seconds + c.seconds
     if replies:

@@ -301,6 +301,28 @@ def test_interactive_chat_keeps_the_history_as_llama_models_renders_it(scripted)
                     ref(("user", "What is a quasar?"))]
 
 
+def test_hidden_reasoning_that_never_closes_is_reported_not_blank(scripted):
+    from megatron.generation.engine import Completion
+    from megatron.generation.loading import load_model
+    from megatron.generation.run import Options, interactive
+
+    class Unfinished:  # replies that stay inside <think>: one cut by the budget, one ended by the model
+        def __init__(self):
+            self.stops = ["length", "eos"]
+
+        def generate(self, prompts, sampling):
+            stop = self.stops.pop(0)
+            return [Completion(list(prompts[0]), [1, 2, 3], "still thinking", stop, 0.1,
+                               None if stop == "length" else 128009)]
+
+    out = io.StringIO()
+    interactive(load_model(scripted["chat"]), Unfinished(), Options(reasoning=True, hide_reasoning=True),
+                inp=io.StringIO("Q1?\nQ2?\n"), out=out, err=io.StringIO())
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("(no answer: 3 tokens of reasoning without </think>; the token limit came first")
+    assert second.startswith("(no answer: 4 tokens of reasoning without </think>; the model ended its reply")
+
+
 def test_bad_inputs_exit_2_with_one_message_and_write_nothing(work, scripted):
     junk = work / "not_a_model"
     junk.mkdir()
