@@ -14,7 +14,6 @@ RUN_DIR/eval), plus PREFIX_samples_TASK.jsonl with eval_log_samples. The same wo
 `tools/eval/harness.py --model neox`, which takes lm-eval's command-line flags instead of a config.
 """
 
-import argparse
 import datetime
 import difflib
 import json
@@ -26,8 +25,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megatron.config.errors import ConfigError  # noqa: E402
-from megatron.config.loader import load_resolved  # noqa: E402
+from megatron.config.loader import single_process_entry  # noqa: E402
 
 
 def unknown_tasks(task_manager, tasks: list[str]) -> list[str]:
@@ -50,14 +48,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="resolved config written by deepy.py")
-    parser.add_argument("--run-dir", required=True, help="where the default results file goes")
-    args = parser.parse_args()
-    try:
-        cfg = load_resolved(args.config, purpose="eval")
-    except ConfigError as e:
-        print(e.format("nothing was evaluated"), file=sys.stderr, flush=True)
+    cfg, run_dir = single_process_entry(__doc__, "eval", "nothing was evaluated")
+    if cfg is None:
         return 2
     try:
         import lm_eval
@@ -72,7 +64,7 @@ def main() -> int:
     bad = unknown_tasks(task_manager, cfg.eval_tasks)
     if bad:  # before the model loads: a 70B load takes minutes
         where = f" or in {cfg.eval_include_path}" if cfg.eval_include_path else ""
-        print(f"error: {args.config}: eval_tasks: unknown lm-eval task {', '.join(bad)}; nothing was evaluated\n"
+        print(f"error: eval_tasks: unknown lm-eval task {', '.join(bad)}; nothing was evaluated\n"
               f"    fix: use names lm-eval knows{where} (python tools/eval/harness.py --tasks list), or put your own "
               "task YAMLs in a folder and set eval_include_path", file=sys.stderr)
         return 2
@@ -97,7 +89,7 @@ def main() -> int:
     if "groups" in results:
         print(make_table(results, "groups"))
 
-    prefix = cfg.eval_results_prefix or os.path.join(args.run_dir, "eval")
+    prefix = cfg.eval_results_prefix or os.path.join(run_dir, "eval")
     samples = results.pop("samples", None) or {}
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M")
     out = Path(f"{prefix}_eval_results_{stamp}.json")

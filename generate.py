@@ -10,7 +10,6 @@ hide_reasoning, generation_batch_size, generation_backend, generation_seed (conf
 The same work as `tools/generate.py`, which takes command-line flags instead of a config.
 """
 
-import argparse
 import os
 import sys
 import warnings
@@ -18,8 +17,7 @@ import warnings
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megatron.config.errors import ConfigError  # noqa: E402
-from megatron.config.loader import load_resolved  # noqa: E402
+from megatron.config.loader import single_process_entry  # noqa: E402
 
 
 def device_for_node() -> str:
@@ -38,14 +36,8 @@ def device_for_node() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="resolved config written by deepy.py")
-    parser.add_argument("--run-dir", required=True, help="where the default output file goes")
-    args = parser.parse_args()
-    try:
-        cfg = load_resolved(args.config, purpose="generate")
-    except ConfigError as e:
-        print(e.format("nothing was generated"), file=sys.stderr, flush=True)
+    cfg, run_dir = single_process_entry(__doc__, "generate", "nothing was generated")
+    if cfg is None:
         return 2
 
     from megatron.generation.chat import PromptError
@@ -60,7 +52,7 @@ def main() -> int:
                    chat=cfg.generation_chat, system=cfg.generation_system_prompt, reasoning=cfg.generation_reasoning,
                    hide_reasoning=cfg.hide_reasoning, prompt_end=cfg.prompt_end,
                    batch_size=cfg.generation_batch_size)
-    out = cfg.sample_output_file or os.path.join(args.run_dir, "generations.jsonl")
+    out = cfg.sample_output_file or os.path.join(run_dir, "generations.jsonl")
     try:
         prompts = read_prompts(cfg.sample_input_file, cfg.prompt_end) if cfg.text_gen_type == "input-file" else None
         lm, chat, engine = open_model(cfg.load, opts, device=device_for_node(), dtype=cfg.precision,

@@ -194,3 +194,21 @@ def load_resolved(path: str | Path, world_size: Optional[int] = None, purpose: s
     saw), and the batch-size rules must hold for the ranks that actually started."""
     raw = yaml.safe_load(Path(path).read_text())
     return build_config(raw, {k: str(path) for k in raw}, world_size=world_size, purpose=purpose)
+
+
+def single_process_entry(doc: str, purpose: str, undone: str) -> tuple[Optional[NeoXConfig], str]:
+    """The command line deepy.py gives the one-process entry scripts (generate.py, eval.py): --config (the resolved
+    config it wrote) and --run-dir. Returns (config, run_dir), or (None, run_dir) after printing the config problems
+    with `undone` ("nothing was generated") for the script to exit 2."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="resolved config written by deepy.py")
+    parser.add_argument("--run-dir", required=True, help="where default output files go")
+    args = parser.parse_args()
+    try:
+        return load_resolved(args.config, purpose=purpose), args.run_dir
+    except ConfigError as e:
+        print(e.format(undone), file=sys.stderr, flush=True)
+        return None, args.run_dir
