@@ -9,6 +9,9 @@ The code before this change (each micro-batch's mean, averaged over micro-batche
 on the same data it logged loss 5.5656 (1x8), 4.8223 (8x1) and 4.8223 (DP 2), and the weights after the step
 differed by up to 0.135 between 1x8 and 8x1 (with it: the same losses, weights within 6e-8).
 
+Validation after the step is per token as well (2 evaluations of 16 held-out samples): the old mean of micro-batch
+means read 5.5589 (1x8) against 4.5324 (8x1) there.
+
 Pretraining, where every label counts, stays bit-identical to that per-micro-batch mean (the unit test below).
 """
 
@@ -51,7 +54,9 @@ def run(tmp_path: Path, name: str, micro: int, gas: int, gpus: int, data) -> tup
     d = tmp_path / name
     cfg = {**base, "vocab_size": VOCAB, "seq_length": SEQ, "num_layers": 2, "train_micro_batch_size_per_gpu": micro,
            "gradient_accumulation_steps": gas, "num_gpus": gpus, "train_iters": 1, "log_interval": 1,
-           "eval_iters": 0, "train_data_paths": [data[0]], "train_label_data_paths": [data[1]],
+           "train_data_paths": [data[0]], "train_label_data_paths": [data[1]],
+           # validation after the step: 2 evaluations of the same 16 samples, whatever the split
+           "eval_iters": 2, "eval_interval": 1, "valid_data_paths": [data[2]], "valid_label_data_paths": [data[3]],
            "pack_impl": "packed",  # the token stream: vocab 256 has no room for the Llama-3 EOD that pads
            # Adam's first step is lr * g / (|g| + eps): with eps 1 the update follows the gradient, not its sign.
            "optimizer": {"type": "Adam", "params": {"lr": 1.0, "eps": 1.0}}, "weight_decay": 0.0, "warmup": 0.0,
@@ -64,6 +69,7 @@ def run(tmp_path: Path, name: str, micro: int, gas: int, gpus: int, data) -> tup
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
     loss = next(r for r in records if "train/loss" in r)
+    loss["valid/loss"] = next(r["valid/loss"] for r in records if "valid/loss" in r)
     weights = {}
     for f in sorted((d / "ckpt" / "global_step1").glob("layer_*-model_00-model_states.pt")):
         weights.update({f"{f.name}:{k}": v.float() for k, v in torch.load(f, map_location="cpu").items()
@@ -74,7 +80,7 @@ def run(tmp_path: Path, name: str, micro: int, gas: int, gpus: int, data) -> tup
 @pytest.fixture(scope="module")
 def three_splits(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("per_token_loss")
-    data = sft_corpus(str(tmp_path / "sft"))
+    data = sft_corpus(str(tmp_path / "sft")) + sft_corpus(str(tmp_path / "sft_valid"), seed=1)
     return {name: run(tmp_path, name, micro, gas, gpus, data)
             for name, micro, gas, gpus in (("1x8", 8, 1, 1), ("8x1", 1, 8, 1), ("dp2", 1, 4, 2))}
 
@@ -87,6 +93,10 @@ def test_same_loss_and_weights_however_the_global_batch_is_split(three_splits):
     # The log counts the step's loss tokens: 122 of the 8 x 64 label positions (the labels shift by one).
     for record in (loss_a, loss_b, loss_c):
         assert record["train/loss_tokens"] == 122 and record["train/loss_token_share"] == pytest.approx(122 / 512)
+    # Validation is per token too (each evaluation's mean over its loss tokens, weighted by their count): the mean
+    # of micro-batch means it replaced read differently for 1x8 and 8x1 on these samples.
+    assert loss_a["valid/loss"] == pytest.approx(loss_b["valid/loss"], abs=1e-6, rel=1e-6)
+    assert loss_a["valid/loss"] == pytest.approx(loss_c["valid/loss"], abs=1e-6, rel=1e-6)
     assert set(w_a) == set(w_b) == set(w_c) and w_a
     for k in w_a:
         assert torch.allclose(w_a[k], w_b[k], atol=1e-6, rtol=0), k

@@ -26,17 +26,31 @@ import torch
 
 
 def evaluate_validation(trainer) -> dict:
-    """Loss and perplexity of each validation set (valid, and valid_replay with replay)."""
+    """Loss and perplexity of each validation set (valid, and valid_replay with replay).
+
+    Per token, as training: each `eval_batch` (gradient_accumulation_steps micro-batches on every DP rank) goes
+    through GlobalTokenBatches, so it returns the mean over all its loss tokens, and the eval_iters results are
+    weighted by their loss-token counts. With SFT labels a micro-batch of 10 answer tokens no longer weighs as much
+    as one of 4,000; with every label counted (pretraining) the counts are equal and this is the plain mean."""
     from megatron.data.data_utils import make_data_loader
+    from megatron.data.lm_batches import GlobalTokenBatches
     from megatron.trainer import _lm_batches
 
     cfg, lay = trainer.cfg, trainer.layout
     results = {}
     for prefix, dataset in trainer.valid_sets.items():
         loader = make_data_loader(dataset, cfg.train_micro_batch_size_per_gpu, lay.dp_rank, lay.dp, 0, 0)
-        batches = _lm_batches(loader, trainer.tokenizer.eod_id if cfg.eod_mask_loss else None)
-        losses = [trainer.engine.eval_batch(data_iter=batches).item() for _ in range(cfg.eval_iters)]
-        loss = sum(losses) / len(losses)
+        batches = GlobalTokenBatches(_lm_batches(loader, trainer.tokenizer.eod_id if cfg.eod_mask_loss else None),
+                                     cfg.gradient_accumulation_steps, lay.dp,
+                                     lay.mpu().get_data_parallel_group() if lay.dp > 1 else None)
+        losses, tokens = [], []
+        for _ in range(cfg.eval_iters):
+            losses.append(trainer.engine.eval_batch(data_iter=batches).item())
+            tokens.append(batches.loss_tokens)  # 0 on middle pipeline stages, which read no data (and log nothing)
+        if sum(tokens):  # a step without loss tokens (all labels -100) weighs nothing
+            loss = sum(x * n for x, n in zip(losses, tokens)) / sum(tokens)
+        else:
+            loss = sum(losses) / len(losses)
         ppl = float(np.exp(min(loss, 50.0)))
         trainer.sinks.log(trainer.iteration, {"loss": loss, "ppl": ppl}, prefix=prefix)
         what = "validation" if prefix == "valid" else "replay (general-text) validation"
