@@ -138,9 +138,10 @@ class PackedDocumentsDataset:
         sizes = self.keep + self.append
         self.stats.tokens_per_epoch = int(sizes.sum())
         # Epochs until num_samples: each a packing of every document in an order shuffled by (seed, epoch).
-        samples: list[np.ndarray] = []
-        epoch = 0
-        while len(samples) < num_samples:
+        # Kept flat (sample i holds members[offsets[i]:offsets[i + 1]]): a list of one small array per sample
+        # would cost ~100 bytes of Python object per sample, gigabytes per rank for tens of millions of them.
+        members, counts, placed_samples, epoch = [], [], 0, 0
+        while placed_samples < num_samples:
             rng = np.random.Generator(np.random.PCG64([seed, epoch]))
             order = rng.permutation(len(self.doc_ids))
             bins = [order[b] for b in pack(sizes[order], capacity, impl)]
@@ -148,9 +149,13 @@ class PackedDocumentsDataset:
                 bins = [bins[k] for k in rng.permutation(len(bins))]
             if epoch == 0:
                 self.stats.samples_per_epoch = len(bins)
-            samples.extend(bins)
+            bins = bins[:num_samples - placed_samples]
+            members.append(np.concatenate(bins).astype(np.int64))
+            counts.append(np.fromiter((len(b) for b in bins), np.int64, len(bins)))
+            placed_samples += len(bins)
             epoch += 1
-        self.samples = samples[:num_samples]
+        self.members = np.concatenate(members) if members else np.zeros(0, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts else np.zeros(1, np.int64)
         self.num_samples = num_samples
 
     def _cut(self, doc: int, room: int, boundary_id: int | None) -> int:
@@ -174,7 +179,8 @@ class PackedDocumentsDataset:
         tokens = np.full(self.seq_length + 1, self.eod_id, dtype=np.int64)
         labels = np.full(self.seq_length + 1, IGNORE_INDEX, dtype=np.int64)
         at = 0
-        for k in self.samples[i].tolist():
+        i %= self.num_samples
+        for k in self.members[self.offsets[i]:self.offsets[i + 1]].tolist():
             doc, n = int(self.doc_ids[k]), int(self.keep[k])
             tokens[at : at + n] = self.indexed.document_tokens(doc)[:n]
             labels[at : at + n] = (self.labels.document_tokens(doc) if self.labels is not None
