@@ -114,3 +114,31 @@ def test_other_conversations_do_not_change_a_conversations_logits(chat_data, sin
         b = model(torch.from_numpy(changed[None, :-1]))
     assert not torch.allclose(a[:, :first_end], b[:, :first_end])  # the changed conversation (its EOD included)
     torch.testing.assert_close(a[:, first_end:], b[:, first_end:], atol=1e-6, rtol=0)
+
+
+def test_the_packing_is_cached_reloaded_and_rebuilt_when_damaged(chat_data, tmp_path):
+    """The first build writes the packing under cache_dir; the next start memory-maps it (same samples, same
+    stats); a damaged array file reads as invalid and is rebuilt; another seed is another cache entry."""
+    tokens_ds, labels_ds, _ = chat_data
+
+    def build(seed=7):
+        return PackedDocumentsDataset(tokens_ds, "p", 50, SEQ, seed, "best_fit", EOD, labels=labels_ds,
+                                      boundary_id=EOT, cache_dir=str(tmp_path))
+
+    first = build()
+    want = [first[i]["tokens"] for i in range(50)]  # copies: `first` memory-maps the files damaged below
+    files = sorted(tmp_path.glob("p_best_fit_*"))
+    assert len(files) == 6  # five arrays and the description written last
+    again = build()
+    assert isinstance(again.members, np.memmap) and again.stats == first.stats
+    for i in range(50):
+        assert np.array_equal(again[i]["tokens"], first[i]["tokens"])
+        assert np.array_equal(again[i]["labels"], first[i]["labels"])
+    members = next(f for f in files if f.name.endswith("_members.npy"))
+    good = members.read_bytes()
+    members.write_bytes(good[:-8] + b"\xff" * 8)  # damaged: its checksum no longer matches
+    rebuilt = build()
+    assert members.read_bytes() == good  # packed again and saved again, not served damaged
+    assert all(np.array_equal(rebuilt[i]["tokens"], want[i]) for i in range(50))
+    build(seed=8)
+    assert len(list(tmp_path.glob("p_best_fit_*_description.json"))) == 2

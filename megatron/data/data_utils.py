@@ -69,7 +69,8 @@ def _dataset(indexed: IndexedDataset, name: str, num_samples: int, seq_length: i
     if packing.eod_id is None:
         raise ValueError(f"pack_impl {packing.impl} pads with the EOD token: give the tokenizer's eod_id")
     return PackedDocumentsDataset(indexed, name, num_samples, seq_length, seed, packing.impl, packing.eod_id,
-                                  document_ids=document_ids, labels=labels, boundary_id=packing.boundary_id)
+                                  document_ids=document_ids, labels=labels, boundary_id=packing.boundary_id,
+                                  cache_dir=cache_dir)
 
 
 def _blend(

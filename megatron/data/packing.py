@@ -21,19 +21,21 @@ token; otherwise it is dropped. Without labels it is cut to seq_length tokens pl
 
 Every epoch packs all documents once (shuffled by (seed, epoch)), epochs follow each other, and the dataset holds
 the first `num_samples` samples of that sequence, so `samples_per_epoch` lets train_epochs with label datasets
-become train_iters. The packing runs in a few seconds per million documents at start-up on each rank (it is a
-pure function of the lengths and the seed, so all ranks agree).
+become train_iters. The packing (a few seconds per million documents and epoch; a pure function of the lengths and
+the seed) is built once by rank 0 and cached on disk with the other index caches; later starts memory-map it.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from megatron.data.gpt_dataset import check_labels_match, document_token_ranges
+from megatron.data.index_cache import ArrayCache, dataset_file_stats, load_or_build
 from megatron.data.indexed_dataset import IndexedDataset
 
 PACK_IMPLS = ("packed", "pack_until_overflow", "unpacked", "best_fit")
@@ -103,60 +105,90 @@ class PackingStats:
         return 1.0 - self.tokens_per_epoch / total if total else 0.0
 
 
+# Bump when the meaning or layout of the cached packing arrays changes: old caches then simply stop matching.
+FORMAT_VERSION = 1
+_ARRAYS = ("doc_ids", "keep", "append", "members", "offsets")
+
+
 class PackedDocumentsDataset:
-    """`num_samples` samples of whole documents (see the module docstring); items carry "tokens" and "labels"."""
+    """`num_samples` samples of whole documents (see the module docstring); items carry "tokens" and "labels".
+
+    The packing is cached like GPTDataset's sample index (megatron/data/index_cache.py: .npy files under
+    `cache_dir`, default PREFIX_cache, named by a hash of everything that shapes them, checksummed, rank 0 builds
+    while the others wait): a restart memory-maps it instead of packing again (a few seconds per million
+    documents and epoch, on every rank)."""
 
     def __init__(self, indexed: IndexedDataset, name: str, num_samples: int, seq_length: int, seed: int,
                  impl: str, eod_id: int, document_ids: np.ndarray | None = None,
-                 labels: IndexedDataset | None = None, boundary_id: int | None = None) -> None:
+                 labels: IndexedDataset | None = None, boundary_id: int | None = None,
+                 cache_dir: str | None = None) -> None:
         if labels is not None:
             check_labels_match(indexed, labels)
         self.indexed, self.labels, self.name = indexed, labels, name
         self.seq_length, self.seed, self.impl, self.eod_id = seq_length, seed, impl, eod_id
-        capacity = seq_length + 1
-        starts, lengths = document_token_ranges(indexed)
+        self.num_samples = num_samples
         ids = np.arange(indexed.num_documents) if document_ids is None else np.asarray(document_ids, np.int64)
+        description = {
+            "format_version": FORMAT_VERSION, "name": name, "impl": impl, "num_samples": num_samples,
+            "seq_length": seq_length, "seed": seed, "eod_id": eod_id, "boundary_id": boundary_id,
+            "tokens": dataset_file_stats(indexed.prefix),
+            "labels": None if labels is None else dataset_file_stats(labels.prefix),
+            "num_document_ids": len(ids), "document_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+        }
+        cache = ArrayCache(cache_dir if cache_dir is not None else indexed.prefix + "_cache", f"{name}_{impl}",
+                           description, _ARRAYS)
+        arrays, stats = load_or_build(cache, lambda: self._pack(ids, boundary_id), f"{name} ({impl} packing)")
+        self.doc_ids, self.keep, self.append = arrays["doc_ids"], arrays["keep"], arrays["append"]
+        self.members, self.offsets = arrays["members"], arrays["offsets"]
+        self.stats = PackingStats(**stats)
+
+    def _pack(self, ids: np.ndarray, boundary_id: int | None) -> tuple[dict[str, np.ndarray], dict]:
+        """The packing itself: (arrays, stats as a dict) for the cache."""
+        indexed, capacity, seed, impl = self.indexed, self.seq_length + 1, self.seed, self.impl
+        starts, lengths = document_token_ranges(indexed)
         ids = ids[lengths[ids] > 0]
         flat = indexed.tokens
-        ends_with_eod = flat[starts[ids] + lengths[ids] - 1] == eod_id
+        ends_with_eod = flat[starts[ids] + lengths[ids] - 1] == self.eod_id
         # Tokens each document keeps, and whether an EOD is appended after them.
         keep = lengths[ids].astype(np.int64)
         append = ~ends_with_eod
-        self.stats = PackingStats(capacity=capacity, documents=len(ids))
+        stats = PackingStats(capacity=capacity, documents=len(ids))
         for j in np.flatnonzero(keep + append > capacity).tolist():
             cut = self._cut(int(ids[j]), capacity - 1, boundary_id)
             if cut == 0:
-                self.stats.dropped += 1
+                stats.dropped += 1
             else:
-                self.stats.truncated += 1
+                stats.truncated += 1
             keep[j], append[j] = cut, True
         placed = keep > 0
-        self.doc_ids, self.keep, self.append = ids[placed], keep[placed], append[placed]
-        if not len(self.doc_ids):
-            raise ValueError(f"{name}: no document fits in seq_length {seq_length} (+1) tokens "
-                             f"({self.stats.dropped:,} dropped)")
-        sizes = self.keep + self.append
-        self.stats.tokens_per_epoch = int(sizes.sum())
+        doc_ids, keep, append = ids[placed], keep[placed], append[placed]
+        if not len(doc_ids):
+            raise ValueError(f"{self.name}: no document fits in seq_length {self.seq_length} (+1) tokens "
+                             f"({stats.dropped:,} dropped)")
+        sizes = keep + append
+        stats.tokens_per_epoch = int(sizes.sum())
         # Epochs until num_samples: each a packing of every document in an order shuffled by (seed, epoch).
         # Kept flat (sample i holds members[offsets[i]:offsets[i + 1]]): a list of one small array per sample
         # would cost ~100 bytes of Python object per sample, gigabytes per rank for tens of millions of them.
         members, counts, placed_samples, epoch = [], [], 0, 0
-        while placed_samples < num_samples:
+        while placed_samples < self.num_samples:
             rng = np.random.Generator(np.random.PCG64([seed, epoch]))
-            order = rng.permutation(len(self.doc_ids))
+            order = rng.permutation(len(doc_ids))
             bins = [order[b] for b in pack(sizes[order], capacity, impl)]
             if impl == "best_fit":
                 bins = [bins[k] for k in rng.permutation(len(bins))]
             if epoch == 0:
-                self.stats.samples_per_epoch = len(bins)
-            bins = bins[:num_samples - placed_samples]
+                stats.samples_per_epoch = len(bins)
+            bins = bins[:self.num_samples - placed_samples]
             members.append(np.concatenate(bins).astype(np.int64))
             counts.append(np.fromiter((len(b) for b in bins), np.int64, len(bins)))
             placed_samples += len(bins)
             epoch += 1
-        self.members = np.concatenate(members) if members else np.zeros(0, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts else np.zeros(1, np.int64)
-        self.num_samples = num_samples
+        arrays = {"doc_ids": doc_ids.astype(np.int64), "keep": keep, "append": append.astype(np.bool_),
+                  "members": np.concatenate(members) if members else np.zeros(0, np.int64),
+                  "offsets": (np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts
+                              else np.zeros(1, np.int64))}
+        return arrays, asdict(stats)
 
     def _cut(self, doc: int, room: int, boundary_id: int | None) -> int:
         """Tokens kept of an over-long document so that they and an EOD fit (see the module docstring)."""
@@ -223,6 +255,6 @@ def plan_label_epochs(cfg, global_batch: int, eod_id: int, boundary_id: int | No
     for i, (prefix, label_prefix) in enumerate(zip(cfg.train_data_paths, cfg.train_label_data_paths)):
         dataset = PackedDocumentsDataset(IndexedDataset(prefix), f"train_{i}", 1, cfg.seq_length, cfg.seed,
                                          cfg.resolved_pack_impl, eod_id, labels=IndexedDataset(label_prefix),
-                                         boundary_id=boundary_id)
+                                         boundary_id=boundary_id, cache_dir=cfg.data_cache_dir)
         counts.append(dataset.stats.samples_per_epoch)
     return EpochPlan(tuple(counts), float(cfg.train_epochs), global_batch)
