@@ -2,7 +2,21 @@
 
 import socket
 
+import pytest
 import torch
+
+if not torch.cuda.is_available():
+    pytest.exit("tests_gpu needs a CUDA device", returncode=1)
+
+DEV = "cuda"
+
+
+def assert_close(a, b, tol: float, floor: float) -> None:
+    """max |a - b| within tol x max |b|, with max |b| taken as at least `floor` (so near-zero references are
+    compared absolutely at tol x floor)."""
+    err = (a.float() - b.float()).abs().max().item()
+    scale = b.float().abs().max().item()
+    assert err <= tol * max(scale, floor), (err, scale)
 
 
 def single_process():

@@ -5,23 +5,15 @@ FP8 GEMMs (`aten._scaled_mm`, cuBLAS tensorwise / CUTLASS rowwise) ran, with the
 Float8Linear, close to bf16, under selective recompute with the compiled pointwise ops, and into the fp32
 main_grad with gradient_accumulation_fusion."""
 
-
 import pytest
 import torch
 
-from gpu_helpers import single_process
+from gpu_helpers import DEV, assert_close, single_process
 from megatron.model import fp8
-
-if not torch.cuda.is_available():
-    pytest.exit("tests_gpu needs a CUDA device", returncode=1)
-
-DEV = "cuda"
 
 
 def _close(a, b, tol):
-    err = (a.float() - b.float()).abs().max().item()
-    scale = b.float().abs().max().item()
-    assert err <= tol * max(scale, 1e-6), (err, scale)
+    assert_close(a, b, tol, floor=1e-6)
 
 
 def test_this_gpu_runs_fp8():

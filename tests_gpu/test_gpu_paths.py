@@ -12,20 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpu_helpers import single_process
+from gpu_helpers import DEV, assert_close, single_process
 from megatron.model import kernels
 from megatron.model.rope import RotaryEmbedding
 
-if not torch.cuda.is_available():
-    pytest.exit("tests_gpu needs a CUDA device", returncode=1)
-
-DEV = "cuda"
-
 
 def _close(a, b, tol):
-    err = (a.float() - b.float()).abs().max().item()
-    scale = b.float().abs().max().item()
-    assert err <= tol * max(scale, 1.0), (err, scale)
+    assert_close(a, b, tol, floor=1.0)
 
 
 def test_fused_rms_norm_rope_swiglu_match_eager():
