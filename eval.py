@@ -5,9 +5,10 @@
 deepy.py merges and validates the configs with the evaluation rules (megatron/config/validate.py, `check_eval`),
 writes RUN_DIR/config.yml and starts this script once (one process, on one GPU when there is one). The model is
 `load`: a checkpoint folder of this trainer at any TP/PP (`load_iteration` / `--iteration` picks the step) or a
-Hugging Face folder, scored by lm-eval's own `HFLM` through the registered model "neox" (megatron/eval/harness.py). Unlike GPT-NeoX's adapter, every document of every task is
-scored unless `eval_limit` says otherwise. Keys: eval_tasks, eval_results_prefix, eval_include_path,
-eval_num_fewshot, eval_batch_size, eval_limit, eval_log_samples (docs/evaluation.md).
+Hugging Face folder, scored by lm-eval's own `HFLM` through the registered model "neox" (megatron/eval/harness.py).
+Unlike GPT-NeoX's adapter, every document of every task is scored unless `eval_limit` says otherwise. Keys:
+eval_tasks, eval_results_prefix, eval_include_path, eval_num_fewshot, eval_batch_size, eval_limit, eval_log_samples
+(docs/evaluation.md).
 
 Results: lm-eval's table on stdout and PREFIX_eval_results_DATE.json (GPT-NeoX's file name; PREFIX defaults to
 RUN_DIR/eval), plus PREFIX_samples_TASK.jsonl with eval_log_samples. The same work as
@@ -25,6 +26,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from megatron.checkpoint.metadata import atomic_write_text  # noqa: E402
 from megatron.config.loader import single_process_entry  # noqa: E402
 
 
@@ -38,13 +40,6 @@ def unknown_tasks(task_manager, tasks: list[str]) -> list[str]:
         close = difflib.get_close_matches(name, known, n=3)
         problems.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
     return problems
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main() -> int:
@@ -93,11 +88,12 @@ def main() -> int:
     samples = results.pop("samples", None) or {}
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M")
     out = Path(f"{prefix}_eval_results_{stamp}.json")
-    write_atomic(out, json.dumps(results, indent=2, default=handle_non_serializable))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(results, indent=2, default=handle_non_serializable))
     print(f"results: {out}")
     for task, rows in samples.items():
         path = Path(f"{prefix}_samples_{task}.jsonl")
-        write_atomic(path, "".join(json.dumps(r, default=handle_non_serializable) + "\n" for r in rows))
+        atomic_write_text(path, "".join(json.dumps(r, default=handle_non_serializable) + "\n" for r in rows))
         print(f"samples: {path} ({len(rows)} documents)")
     return 0
 

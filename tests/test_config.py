@@ -191,11 +191,18 @@ def test_deepy_takes_gpt_neox_options_and_config_names_without_suffix(tmp_path):
     write(tmp_path, "good.yml", yaml.safe_dump(tiny_raw(num_gpus=2, run_dir=str(tmp_path / "run"),
                                                         wandb_group="from-file")))
     proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", "-d", str(tmp_path), "good",
-                           "--wandb_group", "from-cli", "--dry-run"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120)
+                           "--wandb_group", "from-cli", "--wandb_team", "astro", "--dry-run"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "wandb_group: 'from-file'" in proc.stdout and "-> 'from-cli' (command line)" in proc.stdout
-    assert yaml.safe_load((tmp_path / "run" / "config.yml").read_text())["wandb_group"] == "from-cli"
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yml").read_text())
+    assert resolved["wandb_group"] == "from-cli" and resolved["wandb_team"] == "astro"
+    # -H names the hostfile; one that does not exist is refused before launch, naming the command line.
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", "-d", str(tmp_path), "good",
+                           "-H", str(tmp_path / "no_hostfile")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2 and "launch:" not in proc.stdout
+    assert f"command line: hostfile = '{tmp_path / 'no_hostfile'}': file not found" in proc.stderr, proc.stderr
 
 
 def test_key_reference_is_up_to_date():

@@ -90,7 +90,8 @@ def build_meta(*, iteration: int, consumed_samples: int, tp: int, pp: int, dp: i
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename (also used by eval.py for its results)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -150,7 +151,7 @@ def _meta_digest(meta: dict) -> str:
 
 def write_meta(tag_dir: Path, meta: dict) -> None:
     meta = {**meta, "meta_checksum": _meta_digest(meta)}
-    _atomic_write_text(Path(tag_dir) / META_NAME, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(Path(tag_dir) / META_NAME, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def read_meta(tag_dir: Path) -> dict:
@@ -179,7 +180,7 @@ def meta_problem(tag_dir: Path) -> Optional[str]:
 
 
 def write_latest(root: Path, tag: str) -> None:
-    _atomic_write_text(Path(root) / LATEST, tag)
+    atomic_write_text(Path(root) / LATEST, tag)
 
 
 def is_complete(tag_dir: Path) -> bool:

@@ -5,12 +5,15 @@ prompts (lm-eval compares log-likelihoods of " A".." D", the tool the four next-
 
 import glob
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from eval_helpers import run_tool
+from eval_helpers import ENV, ROOT, run_tool
 
 pytest.importorskip("lm_eval")
 
@@ -43,9 +46,10 @@ def deepy_eval(eval_work, task_dir, checkpoint) -> dict:
     out = eval_work / "deepy_eval"
     cfg = eval_work / "eval.yml"
     cfg.write_text(yaml.safe_dump({"load": str(checkpoint), "precision": "fp32", "eval_include_path": str(task_dir),
-                                   "eval_results_prefix": str(out / "neox"), "eval_log_samples": True,
-                                   "eval_batch_size": 8, "run_dir": str(out)}))
-    proc = run_tool(["deepy.py", "eval.py", cfg, "--eval_tasks", "astro_local"])
+                                   "eval_log_samples": True, "eval_batch_size": 8, "run_dir": str(out)}))
+    proc = run_tool(["deepy.py", "eval.py", cfg, "--eval_tasks", "astro_local", "--eval_results_prefix",
+                     out / "neox"])
+    assert "; every document" in proc.stdout
     assert yaml.safe_load((out / "config.yml").read_text())["eval_tasks"] == ["astro_local"]  # from the command line
     assert "|astro_local|" in proc.stdout.replace(" ", "")  # lm-eval's table
     results = json.loads(Path(sorted(glob.glob(f"{out}/neox_eval_results_*.json"))[-1]).read_text())
@@ -81,6 +85,21 @@ def test_lm_eval_choices_equal_the_mcq_tool(neox_vs_hf, export_run):
     assert picked == tool
 
 
+def test_deepy_eval_limit_and_fewshot_reach_lm_eval(eval_work, task_dir, memorised):
+    """eval_limit scores the first N documents (and says so); eval_num_fewshot sets the task's shots."""
+    out = eval_work / "deepy_eval_limited"
+    cfg = eval_work / "eval_limited.yml"
+    cfg.write_text(yaml.safe_dump({"load": str(memorised["export"]), "eval_tasks": ["astro_local"],
+                                   "eval_include_path": str(task_dir), "eval_limit": 5, "eval_num_fewshot": 1,
+                                   "run_dir": str(out)}))
+    proc = run_tool(["deepy.py", "eval.py", cfg])
+    assert "; first 5 documents per task" in proc.stdout
+    results = json.loads(Path(sorted(glob.glob(f"{out}/eval_eval_results_*.json"))[-1]).read_text())
+    assert results["n-samples"]["astro_local"]["effective"] == 5
+    assert results["configs"]["astro_local"]["num_fewshot"] == 1
+    assert not list(out.glob("eval_samples_*"))  # eval_log_samples is off by default
+
+
 def test_deepy_eval_refuses_an_unknown_task_before_loading(eval_work, task_dir, memorised):
     cfg = eval_work / "eval_bad.yml"
     cfg.write_text(yaml.safe_dump({"load": str(memorised["checkpoint"]), "eval_include_path": str(task_dir),
@@ -91,4 +110,26 @@ def test_deepy_eval_refuses_an_unknown_task_before_loading(eval_work, task_dir, 
     assert "Traceback" not in proc.stderr and "model:" not in proc.stdout
     proc = run_tool(["deepy.py", "eval.py", cfg, "--eval_tasks", "astro_local", "--iteration", "7"], check=False)
     assert proc.returncode == 2 and "has no checkpoint of step 7; complete steps: 0" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_deepy_eval_config_errors_and_a_missing_lm_eval(eval_work, task_dir, memorised, tmp_path):
+    cfg = tmp_path / "eval_incomplete.yml"
+    cfg.write_text(yaml.safe_dump({"load": str(memorised["checkpoint"]), "eval_include_path": str(tmp_path / "none"),
+                                   "run_dir": str(tmp_path / "run")}))
+    proc = run_tool(["deepy.py", "eval.py", cfg], check=False)
+    assert proc.returncode == 2 and "launch:" not in proc.stdout
+    assert "eval_tasks = None: eval.py needs the tasks to score" in proc.stderr, proc.stderr
+    assert f"eval_include_path = '{tmp_path / 'none'}': folder not found" in proc.stderr
+    # Without lm-eval installed (a package that fails to import stands in for it): one line, exit 2.
+    fake = tmp_path / "no_lm_eval" / "lm_eval"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named lm_eval')\n")
+    cfg.write_text(yaml.safe_dump({"load": str(memorised["checkpoint"]), "eval_tasks": ["astro_local"],
+                                   "run_dir": str(tmp_path / "run")}))
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(fake.parent), ENV.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "deepy.py", "eval.py", str(cfg)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: lm-evaluation-harness is not installed" in proc.stderr and "requirements/eval.txt" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -171,16 +171,24 @@ def test_greedy_continuation_of_a_tp2_pp2_checkpoint_equals_the_trainers_argmax(
 
 @pytest.mark.distributed
 def test_deepy_generate_input_file_gives_the_same_continuations(work, trained, prompt_file, tool_greedy):
-    cfg = {"load": str(trained), "text_gen_type": "input-file", "sample_input_file": str(prompt_file),
+    cfg = {"load": str(trained), "text_gen_type": "input-file",
            "maximum_tokens": NEW, "temperature": 0.0, "recompute": True, "run_dir": str(work / "gen_run")}
     (work / "gen.yml").write_text(yaml.safe_dump(cfg))
-    proc = run([ROOT / "deepy.py", "generate.py", ROOT / "configs" / "tiny_cpu.yml", work / "gen.yml"])
+    # GPT-NeoX's `-i` gives the prompt file (sample_input_file); the output goes to RUN_DIR/generations.jsonl.
+    proc = run([ROOT / "deepy.py", "generate.py", ROOT / "configs" / "tiny_cpu.yml", work / "gen.yml",
+                "-i", prompt_file])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     got = [json.loads(line) for line in (work / "gen_run" / "generations.jsonl").read_text().splitlines()]
     # recompute (no KV cache) and no batching here: the same tokens as the cached, batched tool run.
     assert [r["ids"] for r in got] == [r["ids"] for r in tool_greedy[1]]
     assert [(r["tokens"], r["stop"]) for r in got] == [(NEW, "length")] * 2  # maximum_tokens bounds it
     assert yaml.safe_load((work / "gen_run" / "config.yml").read_text())["text_gen_type"] == "input-file"
+    # `-o` and `--iteration` land in the resolved config as sample_output_file and load_iteration.
+    proc = run([ROOT / "deepy.py", "generate.py", work / "gen.yml", "-i", prompt_file, "-o", work / "out.jsonl",
+                "--iteration", "3", "--dry-run"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resolved = yaml.safe_load((work / "gen_run" / "config.yml").read_text())
+    assert resolved["sample_output_file"] == str(work / "out.jsonl") and resolved["load_iteration"] == 3
 
 
 def test_deepy_generate_refuses_keys_that_do_not_apply(work):
