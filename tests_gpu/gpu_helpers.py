@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     pytest.exit("tests_gpu needs a CUDA device", returncode=1)
 
 DEV = "cuda"
+_LAYOUT = None
 
 
 def assert_close(a, b, tol: float, floor: float) -> None:
@@ -20,11 +21,14 @@ def assert_close(a, b, tol: float, floor: float) -> None:
 
 
 def single_process():
-    """Megatron-core and torch.distributed set up for one process on a free local port (once per session)."""
+    """Megatron-core and torch.distributed set up for one process on a free local port (once per session); the
+    layout."""
     from megatron.parallel.layout import single_process_layout
 
-    if not torch.distributed.is_initialized():
+    global _LAYOUT
+    if _LAYOUT is None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        single_process_layout(port=port)
+        _LAYOUT = single_process_layout(port=port)
+    return _LAYOUT

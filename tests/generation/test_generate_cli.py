@@ -121,27 +121,28 @@ def tool_greedy(work, trained, prompt_file):
     return proc, [json.loads(line) for line in out.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def reference(trained, tok, single_rank):
-    """Argmax continuation by the trainer's model at TP 1 x PP 1, full forward pass at every step, and the
-    smallest gap between the best and second-best logit met on the way (so a pass is not luck)."""
+def trainer_argmax(tag: Path, tok, prompts, new_tokens: int, layout, device: str = "cpu"):
+    """Argmax continuation by the trainer's model at TP 1 x PP 1 (loaded from `tag` as the trainer resumes another
+    layout, megatron/checkpoint/reshard.py), full forward pass at every step (no cache), and the smallest gap
+    between the best and second-best logit met on the way (so a pass is not luck). `layout`: a one-process
+    layout (the single_rank fixture). tests_gpu/test_generation_gpu.py runs it on the GPU."""
     from megatron.checkpoint.convert import read_neox_model
     from megatron.checkpoint.reshard import SourceCheckpoint, _padded, local_tensors
     from megatron.model.llama import build_model
 
-    tag = trained / "global_step3"
     keys, meta = read_neox_model(tag)
     cfg = hf_config.llama_config(keys, hf_config.padded_vocab(VOCAB, 128, 1))
     src = SourceCheckpoint(tag, meta, hf_config.llama_config(keys, _padded(cfg, meta)))
-    model = build_model(cfg, single_rank).eval()
+    model = build_model(cfg, layout).eval()
     model.load_state_dict(local_tensors(src, "weight", cfg, range(keys["num_layers"] + 3), 0, 1), strict=True)
+    model.to(device)
     out, gap = [], float("inf")
     with torch.no_grad():
-        for text in PROMPTS:
+        for text in prompts:
             ids = [tok.bos_id] + tok.encode(text)
             new = []
-            for _ in range(NEW):
-                logits = model(torch.tensor([ids + new]))[0, -1, :VOCAB]
+            for _ in range(new_tokens):
+                logits = model(torch.tensor([ids + new], device=device))[0, -1, :VOCAB].float()
                 top = torch.topk(logits, 2).values
                 gap = min(gap, (top[0] - top[1]).item())
                 new.append(int(logits.argmax()))
@@ -149,6 +150,11 @@ def reference(trained, tok, single_rank):
                     break
             out.append(new)
     return out, gap
+
+
+@pytest.fixture(scope="module")
+def reference(trained, tok, single_rank):
+    return trainer_argmax(trained / "global_step3", tok, PROMPTS, NEW, single_rank)
 
 
 @pytest.mark.distributed
@@ -206,8 +212,7 @@ def test_deepy_generate_refuses_keys_that_do_not_apply(work):
 REPLY = "I think so.\n</think>\n\nB"
 
 
-@pytest.fixture(scope="module")
-def scripted(work, tok):
+def build_scripted(work: Path, tok) -> dict:
     """{"base": HF export, "chat": HF export with --chat-model, "ckpt": the checkpoint}; see the module docstring."""
     reply = tok.encode(REPLY)
     starts = [tok.encode("<think>\n")[-1], tok.encode("\n\n")[-1]]  # after the reasoning prefill / a header
@@ -233,6 +238,11 @@ def scripted(work, tok):
     chat = neox_to_hf(ckpt, work / "scripted_chat", **QUIET)
     hf_tokenizer.make_chat_model(chat)  # what convert_neox_to_hf.py --chat-model does
     return {"base": base, "chat": chat, "ckpt": ckpt}
+
+
+@pytest.fixture(scope="module")
+def scripted(work, tok):
+    return build_scripted(work, tok)
 
 
 def test_base_model_stops_at_end_of_text_not_at_eot(scripted):
