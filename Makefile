@@ -54,9 +54,18 @@ demo-replay: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS) tests
 
-# GPU-only code paths (fused kernels, cuDNN/flash attention); run on a GPU machine, never in CI.
+# GPU-only code paths (fused kernels, cuDNN/flash attention, FP8, generation on CUDA); on a GPU machine, never in CI.
 test-gpu:
 	python3 -m pytest -q -p no:cacheprovider tests_gpu
+
+# The device machine (no network, Python 3.12) gets its missing packages as wheels (docs/gpu.md):
+# `make gpu-wheels` fills .whl/ (~30 MB), `make gpu-wheels-check` imports and runs them in a CPU stand-in of it.
+.PHONY: gpu-wheels gpu-wheels-check
+gpu-wheels:
+	bash benchmarks/gpu/make_wheels.sh
+
+gpu-wheels-check: gpu-wheels
+	bash benchmarks/gpu/check_wheels.sh
 
 # Regenerate configs/README.md (the key reference) and docs/config.md's GPT-NeoX key table from the schema.
 docs-config: $(STAMP)

@@ -9,6 +9,12 @@ are compared (they must agree: lm-eval's highest log-likelihood of " X" is our h
 Prints a table and appends it to docs/performance.md.
 
     python benchmarks/mcq_speed.py [--shape small] [--questions 200] [--batch-size 16] [--device cpu] [--no-report]
+
+--full-pass N then times the tool itself as a user runs it, in its own process: `tools/eval/mcq.py` over N synthetic
+questions with --method next-token and with --method instruct (greedy, --max-new-tokens; a random model never
+ends its reply, so every reply runs to that limit: an upper bound), and --json writes every number:
+
+    python benchmarks/mcq_speed.py --shape 8b --device cuda --questions 500 --full-pass 4425 --json mcq_8b.json
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate
     "1b": (2048, 16, 32, 8, 8192),
     "8b": (4096, 32, 32, 8, 14336),
 }
-def build_model(shape: str, out: Path, dtype: torch.dtype) -> None:
+def build_model(shape: str, out: Path, dtype: torch.dtype, device: str = "cpu") -> None:
     import transformers
 
     from megatron.checkpoint.hf_tokenizer import write_llama3_tokenizer
@@ -44,7 +50,10 @@ def build_model(shape: str, out: Path, dtype: torch.dtype) -> None:
                                    max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=128000,
                                    eos_token_id=128001, tie_word_embeddings=False)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).to(dtype).save_pretrained(str(out))
+    with torch.device(device):  # on the GPU an 8B model is initialized in seconds, not minutes
+        model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(str(out))
+    del model
     write_llama3_tokenizer(out)
 
 
@@ -73,6 +82,10 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bf16 / fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--full-pass", type=int, default=0, metavar="N",
+                   help="also time tools/eval/mcq.py (next-token, instruct) over N questions in its own process")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="--full-pass instruct: the reply limit")
+    p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype] or (
         torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
@@ -92,7 +105,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mcq_speed_"))
     folder = Path(args.model) if args.model else work / "model"
     if not args.model:
-        build_model(args.shape, folder, dtype)
+        build_model(args.shape, folder, dtype, args.device)
     questions = synthetic(args.questions)
 
     # ours: the tool's scorer, batches of --batch-size, longest prompts first (as tools/eval/mcq.py runs)
@@ -161,11 +174,60 @@ def main() -> int:
         f"{model_s / ours_s:.2f}x | {agree}/{n} |",
         f"| lm-eval `simple_evaluate` of the task (end to end) | {theirs_s:.2f} | {n / theirs_s:.1f} | "
         f"{theirs_s / ours_s:.2f}x | |", ""]
+    record = {"when": when, "device": device, "model": shape, "dtype": str(dtype), "questions": n,
+              "batch_size": args.batch_size, "prompt_tokens_mean": prompt_tokens, "ours_s": ours_s,
+              "lm_eval_model_s": model_s, "lm_eval_end_to_end_s": theirs_s, "agree": agree}
+    if args.full_pass:
+        passes = full_passes(args, folder, work)
+        record["full_pass"] = passes
+        lines += [f"`tools/eval/mcq.py` itself over {args.full_pass} questions, in its own process (model load "
+                  f"included; instruct: greedy, at most {args.max_new_tokens} new tokens, batch {args.batch_size}; a "
+                  "random model never ends its reply early, so the instruct time is an upper bound):", "",
+                  "| method | seconds (process) | questions/s (process) | questions/s (the tool's own, scoring) |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {m} | {r['seconds']:.1f} | {args.full_pass / r['seconds']:.1f} | "
+                  f"{r.get('summary', {}).get('questions_per_second', float('nan')):.1f} |" if r.get("rc") == 0
+                  else f"| {m} | failed: {r.get('error', '')[-200:]} | | |" for m, r in passes.items()]
+        lines.append("")
     print("\n".join(lines))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     if not args.no_report:
         with open(os.path.join(REPO_ROOT, "docs", "performance.md"), "a") as f:
             f.write("\n" + "\n".join(lines))
-    return 0 if agree == n else 1
+    ok = all(r.get("rc") == 0 for r in record.get("full_pass", {}).values())
+    return 0 if agree == n and ok else 1
+
+
+def full_passes(args, folder: Path, work: Path) -> dict:
+    """tools/eval/mcq.py as a user runs it, one process per method, timed from start to exit."""
+    import json
+    import subprocess
+
+    qfile = work / "questions.jsonl"
+    with open(qfile, "w") as f:
+        for q in synthetic(args.full_pass, seed=1):
+            f.write(json.dumps({"id": q.id, "question": q.question, **dict(zip("ABCD", q.options)),
+                                "answer": q.answer}) + "\n")
+    out = {}
+    for method in ("next-token", "instruct"):
+        cmd = [sys.executable, os.path.join(REPO_ROOT, "tools", "eval", "mcq.py"), "--model", str(folder),
+               "--questions", str(qfile), "--method", method, "--output", str(work / f"run-{method}"),
+               "--batch-size", str(args.batch_size), "--device", args.device, "--no-progress",
+               "--max-new-tokens", str(args.max_new_tokens)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        r = {"rc": proc.returncode, "seconds": time.perf_counter() - t0}
+        if proc.returncode != 0:
+            r["error"] = proc.stderr[-1500:]
+        else:
+            summary = work / f"run-{method}" / "summary.json"
+            if summary.exists():
+                r["summary"] = json.loads(summary.read_text())
+        out[method] = r
+    return out
 
 
 if __name__ == "__main__":
