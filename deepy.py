@@ -26,7 +26,15 @@ from megatron.config import ConfigError, load_config, save_resolved  # noqa: E40
 from megatron.launcher import LaunchError, forward_stop_signals, plan_launch  # noqa: E402
 
 
+# What a GPU driver leaves on a machine (NVIDIA: the proc entry, the control device, WSL's /dev/dxg; AMD ROCm: the
+# KFD device). Without any of them torch would find no device, and importing it only to learn that costs ~1 s of
+# every launch and of every refused config.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
 def cuda_device_count() -> int:
+    if not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        return 0
     try:
         import torch
 
