@@ -121,17 +121,25 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, data, layout, r
     assert len(list((src / "ckpt" / "global_step4").glob("rng_state_*.pt"))) == world
 
 
+def straight_221(tmp_path_factory, data) -> Path:
+    """An uninterrupted STEPS-step run at (2,2,1) saving every 2 steps, launched once per session: the source of the
+    resharding tests below and the reference of test_integrity's kill test at TP 2 x PP 2 (the data fixtures of
+    both modules write the same corpora)."""
+    src = tmp_path_factory.getbasetemp() / "straight_221"
+    if not (src / "ckpt" / f"global_step{STEPS}" / "neox_meta.json").exists():
+        _ok(_deepy(_config(src, data, (2, 2, 1))))
+    return src
+
+
 @pytest.mark.parametrize("target", [(1, 1, 2), (1, 2, 2)], ids=["to-tp1-pp1-dp2", "to-tp1-pp2-dp2"])
 def test_resume_under_another_layout_matches(tmp_path_factory, data, target):
-    # One source run at (2,2,1) serves both targets; its straight continuation is the unchanged-layout resume
-    # (bitwise equal to it, as the test above shows).
-    src = tmp_path_factory.getbasetemp() / "reshard_source"
-    if not (src / "straight" / "ckpt" / "global_step4" / "neox_meta.json").exists():
-        _ok(_deepy(_config(src / "straight", data, (2, 2, 1))))
+    # The (2,2,1) source's straight continuation is the unchanged-layout resume (bitwise equal to it, as the test
+    # above shows).
+    src = straight_221(tmp_path_factory, data)
     tmp = tmp_path_factory.mktemp("reshard")
-    out = _ok(_deepy(_config(tmp / "resumed", data, target, load=str(src / "straight" / "ckpt"), load_iteration=4)))
+    out = _ok(_deepy(_config(tmp / "resumed", data, target, load=str(src / "ckpt"), load_iteration=4)))
     assert "resharding" in out and "weights and optimizer state" in out
-    straight, resumed = _losses(src / "straight"), _losses(tmp / "resumed")
+    straight, resumed = _losses(src), _losses(tmp / "resumed")
     assert sorted(resumed) == [5, 6, 7, 8]
     for s in range(5, 9):
         assert resumed[s] == pytest.approx(straight[s], abs=1e-5), (s, resumed[s], straight[s])

@@ -24,6 +24,7 @@ import pytest
 
 from megatron.data.indexed_dataset import IndexedDatasetWriter, idx_path, bin_path
 from test_checkpoints import VOCAB, _config, _deepy, _env, _losses, _ok, _spawn, _wait_for, data  # noqa: F401
+from test_checkpoints import STEPS as STEPS_221, straight_221
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = (1, 1, 2)
@@ -248,7 +249,8 @@ def test_a_killed_writer_leaves_no_temporary_file_behind(tmp_path):
 
 
 @pytest.mark.parametrize("layout", [LAYOUT, (2, 2, 1)], ids=["dp2", "tp2-pp2"])
-def test_kill_9_at_a_random_moment_then_the_resume_matches_the_straight_run(base, data, tmp_path, layout):
+def test_kill_9_at_a_random_moment_then_the_resume_matches_the_straight_run(base, data, tmp_path, tmp_path_factory,
+                                                                          layout):
     """SIGKILL to the whole job (launcher and ranks) after a random step plus a random delay — mid-step, mid-save
     or between — then the same command again: it takes over the dead job's lock, resumes from the newest complete
     checkpoint, and every logged loss equals the uninterrupted run's (at the same layout), each step once in
@@ -258,14 +260,13 @@ def test_kill_9_at_a_random_moment_then_the_resume_matches_the_straight_run(base
     import signal
 
     if layout == LAYOUT:
-        ref_run = base["run"]
-    else:  # the uninterrupted run at this layout
-        ref_run = tmp_path / "straight"
-        _ok(_deepy(_config(ref_run, data, layout, train_iters=STEPS)))
+        ref_run, steps = base["run"], STEPS
+    else:  # the uninterrupted run at this layout, shared with test_checkpoints' resharding tests
+        ref_run, steps = straight_221(tmp_path_factory, data), STEPS_221
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    after_step, delay = rng.randint(1, STEPS - 1), rng.uniform(0.0, 1.5)
-    cfg = _config(tmp_path, data, layout, train_iters=STEPS, load=str(tmp_path / "ckpt"))
+    after_step, delay = rng.randint(1, steps - 1), rng.uniform(0.0, 1.5)
+    cfg = _config(tmp_path, data, layout, train_iters=steps, load=str(tmp_path / "ckpt"))
     proc = _spawn(cfg, NEOX_FAULT_STEP_SLEEP="0.5")
     _wait_for(proc, f"step {after_step:>6}/")
     time.sleep(delay)
@@ -276,7 +277,7 @@ def test_kill_9_at_a_random_moment_then_the_resume_matches_the_straight_run(base
     assert "took over the stale run lock" in out, (seed, out[-3000:])
     assert out.count("skipping incomplete checkpoint") <= 1  # said once (rank 0), not once per rank
     ref, resumed = _losses(ref_run), _losses(tmp_path)
-    assert _logged_steps(tmp_path / "run") == list(range(1, STEPS + 1)), (seed, after_step, delay)
+    assert _logged_steps(tmp_path / "run") == list(range(1, steps + 1)), (seed, after_step, delay)
     assert [resumed[s] for s in resumed] == [ref[s] for s in resumed], (seed, after_step, delay)
 
 
