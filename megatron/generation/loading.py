@@ -113,13 +113,16 @@ def load_model(path: Union[str, Path], *, device: str = "cpu", dtype=None, step:
     (model None), for an engine that reads the weights itself (vLLM). Raises ModelLoadError."""
     kind = model_kind(path)
     torch_dtype = _dtype(dtype)
-    if kind == "hf":
-        if step is not None:
-            raise ModelLoadError(f"{path} is a Hugging Face model folder: it has no steps; drop step={step} "
-                                 "(--step) or pass a checkpoint folder")
-        loaded = _load_hf(Path(path), device, torch_dtype, chat, weights)
-    else:
-        loaded = _load_checkpoint(Path(path), device, torch_dtype, step, chat, log, weights)
+    from megatron.model.fp8 import torchao_import_noise_silenced
+
+    if kind == "hf" and step is not None:
+        raise ModelLoadError(f"{path} is a Hugging Face model folder: it has no steps; drop step={step} "
+                             "(--step) or pass a checkpoint folder")
+    with torchao_import_noise_silenced():  # transformers imports torchao, if installed, while it builds the model
+        if kind == "hf":
+            loaded = _load_hf(Path(path), device, torch_dtype, chat, weights)
+        else:
+            loaded = _load_checkpoint(Path(path), device, torch_dtype, step, chat, log, weights)
     if loaded.model is not None:
         loaded.model.eval()
         loaded.model.generation_config.eos_token_id = list(loaded.eos_token_ids) or None

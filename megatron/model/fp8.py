@@ -34,7 +34,9 @@ before that fp32 add (an FP8 GEMM cannot take the fp32 accumulator as its C oper
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from typing import Optional
 
 import torch
@@ -47,23 +49,30 @@ INSTALL_HINT = "pip install -r requirements/fp8.txt (torchao)"
 
 
 def available() -> bool:
-    import logging
+    with torchao_import_noise_silenced():
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError:
+            return False
+    return True
 
-    # torchao's import tries its CUDA extensions and logs a warning per .so it cannot load (all of them on a
-    # CPU-only torch); the float8 training path is pure Python on torch._scaled_mm and needs none of them. It also
-    # registers its enums with torch's pytree, which torch 2.13 deprecates with a warning: noise to a user.
+
+@contextlib.contextmanager
+def torchao_import_noise_silenced():
+    """While torchao is imported: its import tries its CUDA extensions and logs a warning per .so it cannot load
+    (all of them on a CPU-only torch), though the float8 training path is pure Python on torch._scaled_mm and needs
+    none of them; it also registers its enums with torch's pytree, which torch 2.13 deprecates with a warning.
+    Noise to a user. megatron/generation/loading.py loads models inside it too: transformers imports torchao (its
+    float8 and mx_formats modules) whenever it is installed, so every generation or evaluation printed those."""
     logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in logs]
     for log in logs:
         log.setLevel(logging.ERROR)
     try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        return False
+        yield
     finally:
         for log, level in zip(logs, levels):
             log.setLevel(level)
-    return True
 
 
 def hardware_problem(emulate: bool) -> Optional[str]:
