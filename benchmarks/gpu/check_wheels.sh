@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CPU stand-in for the GPU machine: a fresh virtualenv holding only torch and the image's packages
 # (benchmarks/gpu/device_image.txt), plus .whl/ installed the way benchmarks/gpu/session.sh installs it there.
-# Then every module the device stages import is imported and the lm-eval peer and a 2-rank deepy.py run go
-# through it on the CPU. Run after `make gpu-wheels`:  make gpu-wheels-check   (~3 min; needs the index)
+# Then every module the device stages import is imported, and the lm-eval peer, a 2-rank deepy.py run, generation
+# from its checkpoint and the recipe stage's script (--smoke) go through it on the CPU. Run after `make gpu-wheels`:  make gpu-wheels-check   (~3 min; needs the index)
 # The stand-in's Python is this machine's (3.11 here, 3.12 there): for the few compiled wheels in .whl/ it
 # installs the same versions built for its own Python, so what is checked is that nothing is missing.
 set -euo pipefail
@@ -43,7 +43,8 @@ for m in mods:
     print("  ok", m)
 PY
 echo "== lm-eval peer (benchmarks/mcq_speed.py, tiny shape, CPU)"
-"$py" benchmarks/mcq_speed.py --shape tiny --questions 8 --batch-size 4 --device cpu --no-report | tail -4
+"$py" benchmarks/mcq_speed.py --shape tiny --questions 8 --batch-size 4 --device cpu --no-report --full-pass 16 \
+  --max-new-tokens 4 | tail -9
 echo "== deepy.py train.py: 2 ranks over gloo, pipeline 2, a checkpoint, then tools/generate.py from that checkpoint"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -65,4 +66,7 @@ YML
   || { tail -30 "$work/train.log"; exit 1; }
 grep -E "iteration +4|saved" "$work/train.log" | tail -2
 "$py" tools/generate.py --model "$work/ckpt" --prompt "def main" --max-new-tokens 8 --device cpu | tail -2
+echo "== the recipe stage's script on the CPU (benchmarks/recipe_1b_speed.py --smoke: the tiny shape)"
+"$py" benchmarks/recipe_1b_speed.py --smoke --steps 3 --work "$work/recipe" | tail -3
+bash -n benchmarks/gpu/session.sh
 echo "stand-in OK: nothing the device stages import is missing from .whl/"
