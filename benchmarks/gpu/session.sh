@@ -67,8 +67,8 @@ run_stage() {
       stage loss 330 200 python3 benchmarks/train_throughput.py --shapes 1b --no-peer --skip-gpu-tests --steps 300 \
         --variants fast-fusedgrad,fast-fusedgrad-fp8 --extra "$extra" --json "$OUT/loss_1b.json" \
         --deadline $(( $(left) < 330 ? $(left) - 5 : 325 )) --work /tmp/throughput --min-run-s 60
-      tar czf "$OUT/loss_steps.tgz" -C /tmp/throughput ours_1b_fast-fusedgrad/run/metrics.jsonl \
-        ours_1b_fast-fusedgrad-fp8/run/metrics.jsonl 2>/dev/null || true ;;
+      tar czf "$OUT/loss_steps.tgz" -C /tmp/throughput ours_1b_fast-fusedgrad/metrics.jsonl \
+        ours_1b_fast-fusedgrad-fp8/metrics.jsonl 2>/dev/null || true ;;
     mcq) stage mcq 420 180 python3 benchmarks/mcq_speed.py --shape 8b --device cuda --questions 500 --batch-size 32 \
            --full-pass 4425 --max-new-tokens 32 --no-report --json "$OUT/mcq_8b.json" ;;
     gen) stage gen 240 90 python3 benchmarks/generation_backends.py --json "$OUT/gen_1b.json" ;;
