@@ -20,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/session.log") 2>&1
+main() {  # everything below, its output also in $OUT/session.log (tee, after the function)
 BUDGET_S=${BUDGET_S:-560}
 START=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
@@ -87,3 +87,8 @@ echo "| stage | outcome | seconds |"
 echo "|---|---|---:|"
 for row in "${SUMMARY[@]}"; do echo "| ${row//|/ | } |"; done
 echo "total $(( $(date +%s) - START )) s; files in \$OUT:"; ls -la "$OUT"
+  # the call's exit status: 1 if a stage failed or timed out (a skipped stage is named above, not a failure)
+  for row in "${SUMMARY[@]}"; do case "$row" in *"|ok|"*|*"|skipped"*) ;; *) return 1 ;; esac; done
+}
+
+main "$@" 2>&1 | tee -a "$OUT/session.log"
