@@ -70,10 +70,10 @@ def _peer_failure(e: BaseException) -> bool:
 
 
 def exit_without_teardown() -> None:
-    """End a finished run now: atexit handlers run (logging, multiprocessing's children, the libraries' own), but not the
-    interpreter's teardown of the torch / megatron-core / DeepSpeed modules, which takes about a second of CPU per
-    rank and delays every job's exit for nothing. Skipped while a non-daemon thread still works: a normal exit
-    waits for it."""
+    """End a finished run now: the atexit handlers run (logging, multiprocessing's children, the libraries' own),
+    but not the interpreter's teardown of the torch / megatron-core / DeepSpeed modules, which takes about a second
+    of CPU per rank and delays every job's exit for nothing. Skipped while a non-daemon thread still works: a normal
+    exit waits for it."""
     import atexit
     import threading
 
