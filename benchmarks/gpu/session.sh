@@ -12,6 +12,7 @@
 #   mcq      8B shape: next-token vs lm-eval on 500 questions, then the tool over 4,425 (issue 20)   cap 420
 #   gen      1B shape: transformers vs vLLM greedy and tokens/s, checkpoint = HF (issue 19)          cap 240
 #   recipe   configs/recipe 1B CPT config's tokens/s (issue 24)                                       cap 300
+#   profile  8B-width FP8 run with torch.profiler over steps 5-6: its top kernels (what limits FP8)   cap 200
 # A second call takes the rest, e.g.  bash benchmarks/gpu/session.sh mcq gen recipe
 # Everything lands in $OUT (at most 8 files come back): session.log (all output, a table last) and one JSON
 # per stage (+ loss_steps.tgz, the per-step losses). Merge and record here afterwards:
@@ -74,7 +75,14 @@ run_stage() {
     gen) stage gen 240 90 python3 benchmarks/generation_backends.py --json "$OUT/gen_1b.json" ;;
     recipe) stage recipe 300 120 python3 benchmarks/recipe_1b_speed.py --steps 8 --work /tmp/recipe_1b \
               --json "$OUT/recipe_1b.json" ;;
-    *) echo "unknown stage $1 (tests fp8 loss mcq gen recipe)"; SUMMARY+=("$1|unknown stage|0") ;;
+    profile)
+      stage profile 200 120 python3 benchmarks/train_throughput.py --shapes 8b-4l --no-peer --skip-gpu-tests \
+        --steps 7 --variants fast-fusedgrad-fp8 --extra '{"profile": true, "profile_step_start": 5,
+        "profile_step_stop": 6}' --json "$OUT/profile_fp8.json" --work /tmp/throughput_profile \
+        --deadline $(( $(left) < 200 ? $(left) - 5 : 195 ))
+      cp /tmp/throughput_profile/ours_8b-4l_fast-fusedgrad-fp8/profile/top_kernels_rank0.txt \
+        "$OUT/top_kernels_fp8.txt" 2>/dev/null || true ;;
+    *) echo "unknown stage $1 (tests fp8 loss mcq gen recipe profile)"; SUMMARY+=("$1|unknown stage|0") ;;
   esac
 }
 
