@@ -20,6 +20,7 @@ ends its reply, so every reply runs to that limit: an upper bound), and --json w
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -191,8 +192,6 @@ def main() -> int:
         lines.append("")
     print("\n".join(lines))
     if args.json:
-        import json
-
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     if not args.no_report:
         with open(os.path.join(REPO_ROOT, "docs", "performance.md"), "a") as f:
@@ -203,7 +202,6 @@ def main() -> int:
 
 def full_passes(args, folder: Path, work: Path) -> dict:
     """tools/eval/mcq.py as a user runs it, one process per method, timed from start to exit."""
-    import json
     import subprocess
 
     qfile = work / "questions.jsonl"

@@ -278,3 +278,23 @@ def test_world_size_is_counted_as_deepspeeds_runner_counts_it(tmp_path):
     with pytest.raises(ConfigError, match="bad entry") as err:
         build_config(raw())
     assert err.value.keys() == ["hostfile"]
+
+
+def test_deepy_imports_torch_only_where_a_gpu_driver_exists(tmp_path):
+    """Counting GPUs imports torch (~1 s per launch and per refused config); without a driver's files there is
+    nothing to count. In a fresh process: no torch after the count without a driver, torch's count with one."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import deepy
+assert "torch" not in sys.modules
+deepy.GPU_DRIVER_PATHS = ({str(tmp_path / "no_driver")!r},)
+assert deepy.cuda_device_count() == 0 and "torch" not in sys.modules
+deepy.GPU_DRIVER_PATHS = ({str(tmp_path)!r},)  # a path that exists stands for a driver
+n = deepy.cuda_device_count()
+import torch
+assert n == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

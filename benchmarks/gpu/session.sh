@@ -26,8 +26,10 @@ BUDGET_S=${BUDGET_S:-560}
 START=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHEELS=${GPU_WHEELS:-.whl}  # (tests point it elsewhere: .whl's wheels are for the GPU machine's Python)
+if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl \
     || { echo "error: installing .whl failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 else
@@ -36,7 +38,7 @@ else
 fi
 # DeepSpeed's op builder cannot parse the image's "9.0a"; HF and lm-eval must not reach for the network.
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi here"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 declare -a SUMMARY

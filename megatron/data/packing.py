@@ -211,7 +211,7 @@ class PackedDocumentsDataset:
         tokens = np.full(self.seq_length + 1, self.eod_id, dtype=np.int64)
         labels = np.full(self.seq_length + 1, IGNORE_INDEX, dtype=np.int64)
         at = 0
-        i %= self.num_samples
+        i %= self.num_samples  # a negative index counts from the end, as for a list
         for k in self.members[self.offsets[i]:self.offsets[i + 1]].tolist():
             doc, n = int(self.doc_ids[k]), int(self.keep[k])
             tokens[at : at + n] = self.indexed.document_tokens(doc)[:n]
