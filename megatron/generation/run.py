@@ -244,5 +244,5 @@ def open_model(path: str, opts: Options, *, device: str, dtype: Optional[str], s
     use = use_chat(lm, opts)
     print(f"model: {lm.source} ({lm.kind}{f', step {lm.step}' if lm.step is not None else ''}, "
           f"{'chat' if use else 'base: plain completion'}, stops at {lm.eos_token_ids})", file=sys.stderr)
-    return lm, use, make_engine(lm, backend, batch_size, path)
+    return lm, use, make_engine(lm, backend, batch_size, path, dtype=dtype)
 

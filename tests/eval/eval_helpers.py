@@ -101,9 +101,10 @@ def _train(model, sequences: list[tuple[list[int], int]], steps: int, lr: float 
     return float(loss.detach())
 
 
-def memorising_model(steps: int = 50, seed: int = 0, lr: float = 3e-3, instruct: bool = False):
+def memorising_model(steps: int = 50, seed: int = 0, lr: float = 3e-3, instruct: bool = False, **shape):
     """A tiny HF Llama (Llama-3 vocabulary) that knows ASTRO_QUESTIONS' answers under the next-token prompt with
-    SHOTS (and, with `instruct`, replies to the instruct prompt with the JSON answer)."""
+    SHOTS (and, with `instruct`, replies to the instruct prompt with the JSON answer). `shape`: LlamaConfig
+    changes."""
     from megatron.data.tokenizer import build_tokenizer
     from megatron.eval.instruct import instruct_prompt_ids
     from megatron.eval.next_token import prompt_ids
@@ -112,7 +113,8 @@ def memorising_model(steps: int = 50, seed: int = 0, lr: float = 3e-3, instruct:
     from megatron.eval.shots import shots_for
 
     tok = build_tokenizer("Llama3Tokenizer")
-    model = tiny_hf_llama(vocab=LLAMA3_VOCAB, layers=2, seed=seed, bos_token_id=128000, eos_token_id=128001)
+    model = tiny_hf_llama(vocab=LLAMA3_VOCAB, layers=2, seed=seed, bos_token_id=128000, eos_token_id=128001,
+                          **shape)
     pool = [parse_row(r, "shots", 0) for r in SHOTS]
     sequences = []
     for row in ASTRO_QUESTIONS:

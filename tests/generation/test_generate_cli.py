@@ -215,15 +215,16 @@ def test_deepy_generate_refuses_keys_that_do_not_apply(work):
 REPLY = "I think so.\n</think>\n\nB"
 
 
-def build_scripted(work: Path, tok) -> dict:
-    """{"base": HF export, "chat": HF export with --chat-model, "ckpt": the checkpoint}; see the module docstring."""
+def build_scripted(work: Path, tok, **shape) -> dict:
+    """{"base": HF export, "chat": HF export with --chat-model, "ckpt": the checkpoint}; see the module docstring.
+    `shape`: LlamaConfig changes (tests_vllm needs 32-wide heads)."""
     reply = tok.encode(REPLY)
     starts = [tok.encode("<think>\n")[-1], tok.encode("\n\n")[-1]]  # after the reasoning prefill / a header
     chain = [(s, reply[0]) for s in starts] + list(zip(reply, reply[1:])) + [(reply[-1], EOT), (EOT, 9986),
                                                                              (9986, EOS)]
     sources = [s for s, _ in chain]
     assert len(set(sources)) == len(sources) <= 64 and tok.decode([9986]) == " tail"
-    model = tiny_hf_llama(VOCAB, layers=1, seed=5, bos_token_id=128000, eos_token_id=EOS)
+    model = tiny_hf_llama(VOCAB, layers=1, seed=5, bos_token_id=128000, eos_token_id=EOS, **shape)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:

