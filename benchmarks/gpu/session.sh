@@ -17,6 +17,7 @@
 # Everything lands in $OUT (at most 8 files come back): session.log (all output, a table last) and one JSON
 # per stage (+ loss_steps.tgz, the per-step losses). Merge and record here afterwards:
 #   python benchmarks/train_throughput.py --report-from fp8_8b.json --report --record-memory
+#   python benchmarks/generation_backends.py --report-from gen_1b.json
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu_session_out}
@@ -74,7 +75,8 @@ run_stage() {
         ours_1b_fast-fusedgrad-fp8/metrics.jsonl 2>/dev/null || true ;;
     mcq) stage mcq 420 180 python3 benchmarks/mcq_speed.py --shape 8b --device cuda --questions 500 --batch-size 32 \
            --full-pass 4425 --max-new-tokens 32 --no-report --json "$OUT/mcq_8b.json" ;;
-    gen) stage gen 240 90 python3 benchmarks/generation_backends.py --json "$OUT/gen_1b.json" ;;
+    gen) stage gen 240 90 python3 benchmarks/generation_backends.py --device cuda --no-report \
+           --json "$OUT/gen_1b.json" ;;
     recipe) stage recipe 300 120 python3 benchmarks/recipe_1b_speed.py --steps 8 --work /tmp/recipe_1b \
               --json "$OUT/recipe_1b.json" ;;
     profile)

@@ -192,6 +192,13 @@ class VLLMEngine:
         self.llm = vllm.LLM(model=path, skip_tokenizer_init=not has_tokenizer, dtype=vllm_dtype(dtype),
                             max_model_len=self.max_length or None, **extra)
 
+    def close(self) -> None:
+        """Stop vLLM's engine process now (its weights and KV cache go with it): dropping the engine alone leaves
+        that process running until the program exits."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[Completion]:
         check_prompts(self.loaded, prompts, max_length=self.max_length)
         s, lm = sampling, self.loaded

