@@ -28,7 +28,7 @@ def test_session_runs_stages_in_budget_and_reports_failures(tmp_path):
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (out / "session.log").read_text()
     assert log == proc.stdout  # everything printed is in the file that comes back
-    assert "note: no .whl here" in log and "error: needs a CUDA GPU" in log
+    assert "note: no .whl here" in log and "error: --device cuda without a CUDA GPU" in log
     table = log[log.index("| stage | outcome | seconds |"):]
     assert "| recipe | skipped: " in table and "s left < 120s | 0 |" in table
     assert "| gen | exit 2 |" in table and "| bogus | unknown stage | 0 |" in table
