@@ -25,10 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "generation"))
 
-from hf_reference import tiny_hf_llama  # noqa: E402
-from megatron.checkpoint.convert import hf_to_neox  # noqa: E402
 from megatron.data.tokenizer import Llama3Tokenizer  # noqa: E402
-from test_generate_cli import EOS, NEW, PROMPTS, QUIET, REPLY, VOCAB, build_scripted, trainer_argmax  # noqa: E402
+from test_generate_cli import (  # noqa: E402
+    NEW, PROMPTS, REPLY, build_scripted, random_tp2_pp2, trainer_argmax)
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "NVIDIA_TF32_OVERRIDE": "0"}  # fp32 means fp32 in the tools too
 
@@ -50,10 +49,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def checkpoint(work):
-    src = work / "hf_init"
-    tiny_hf_llama(VOCAB, layers=2, seed=11, initializer_range=0.2, bos_token_id=128000,
-                  eos_token_id=EOS).save_pretrained(str(src))
-    return hf_to_neox(src, work / "neox_tp2_pp2", 2, 2, **QUIET).parent
+    return random_tp2_pp2(work)
 
 
 def test_greedy_on_the_gpu_equals_the_trainers_argmax_on_the_gpu(work, checkpoint, tok):

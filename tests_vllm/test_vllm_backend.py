@@ -33,10 +33,8 @@ for sub in ("tests", "tests/generation", "tests/eval", "benchmarks"):
 
 import eval_helpers as H  # noqa: E402
 from generation_backends import PROMPTS  # noqa: E402  (the 20 prompts of the GPU benchmark)
-from hf_reference import tiny_hf_llama  # noqa: E402
-from megatron.checkpoint.convert import hf_to_neox  # noqa: E402
 from megatron.data.tokenizer import Llama3Tokenizer  # noqa: E402
-from test_generate_cli import EOS, NEW, QUIET, REPLY, VOCAB, build_scripted, trainer_argmax  # noqa: E402
+from test_generate_cli import NEW, REPLY, build_scripted, random_tp2_pp2, trainer_argmax  # noqa: E402
 
 # vLLM's CPU attention takes heads 32 wide or more (the CPU suite's tiny models have 8): 2 heads of 32, and TP 2
 # still splits the key/value heads.
@@ -72,10 +70,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def checkpoint(work):
-    src = work / "hf_init"
-    tiny_hf_llama(VOCAB, layers=2, seed=11, initializer_range=0.2, bos_token_id=128000,
-                  eos_token_id=EOS, **HEADS).save_pretrained(str(src))
-    return hf_to_neox(src, work / "neox_tp2_pp2", 2, 2, **QUIET).parent
+    return random_tp2_pp2(work, **HEADS)
 
 
 @pytest.fixture(scope="module")

@@ -76,14 +76,21 @@ def tok():
 
 
 # ------------------------------------------------------------------------------------- trained at TP 2 x PP 2
+def random_tp2_pp2(work: Path, **shape) -> Path:
+    """A random 2-layer Llama-3-vocabulary model converted to a TP 2 x PP 2 checkpoint (the run folder); its weights
+    are large (initializer_range 0.2) so greedy choices are clear-cut. `shape`: LlamaConfig changes. Also the start
+    of tests_gpu's and tests_vllm's generation checks."""
+    src = work / "hf_init"
+    tiny_hf_llama(VOCAB, layers=2, seed=11, initializer_range=0.2, bos_token_id=128000, eos_token_id=EOS,
+                  **shape).save_pretrained(str(src))
+    return hf_to_neox(src, work / "init_tp2_pp2", 2, 2, **QUIET).parent
+
+
 @pytest.fixture(scope="module")
 def trained(work):
     """3 Adam steps through deepy.py -> train.py at (2, 2, 1), from a converted random Llama whose weights are
     large enough (initializer_range 0.2) that greedy choices are clear-cut."""
-    src = work / "hf_init"
-    tiny_hf_llama(VOCAB, layers=2, seed=11, initializer_range=0.2, bos_token_id=128000,
-                  eos_token_id=EOS).save_pretrained(str(src))
-    start = hf_to_neox(src, work / "init_tp2_pp2", 2, 2, **QUIET).parent
+    start = random_tp2_pp2(work)
     prefix = str(work / "corpus_text_document")
     rng = np.random.default_rng(0)
     with IndexedDatasetWriter(prefix, np.int32) as w:
