@@ -90,6 +90,18 @@ def timed(engine, prompts, sampling) -> tuple[list, float]:
     return out, time.perf_counter() - start
 
 
+def stream(c) -> list[int]:
+    """A completion's generated tokens, its stop token included."""
+    return c.ids + ([c.stop_id] if c.stop_id is not None else [])
+
+
+def parting(a: list[int], b: list[int]):
+    """The first position where two token streams differ (one ending first counts); None when they are equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def compare(hf_dir: Path, dtype: str, device: str, prompts, sampling) -> dict:
     """Both engines on the same prompts in one dtype: tokens/s of each, and per prompt where the greedy streams
     first differ, with transformers' top-2 logit gap there and the largest |logit| (a gap within the dtype's
@@ -103,25 +115,22 @@ def compare(hf_dir: Path, dtype: str, device: str, prompts, sampling) -> dict:
     lm = load_model(hf_dir, device=device, dtype=dtype)
     hf_out, hf_s = timed(HFEngine(lm, batch_size=len(prompts)), prompts, sampling)
     out["hf_tokens_per_s"] = sum(c.tokens for c in hf_out) / hf_s
-    out["hf_ids"] = [c.ids + [c.stop_id] if c.stop_id is not None else c.ids for c in hf_out]
+    out["hf_ids"] = [stream(c) for c in hf_out]
     try:
-        import vllm  # noqa: F401
-
         engine = VLLMEngine(load_model(hf_dir, weights=False), str(hf_dir), dtype=dtype)
-    except (ImportError, RuntimeError) as e:
+    except RuntimeError as e:  # no vLLM here, or its CUDA build without a GPU
         out["vllm"] = str(e)
         return out
     v_out, v_s = timed(engine, prompts, sampling)
     out["vllm_tokens_per_s"] = sum(c.tokens for c in v_out) / v_s
-    out["vllm_ids"] = [c.ids + [c.stop_id] if c.stop_id is not None else c.ids for c in v_out]
+    out["vllm_ids"] = [stream(c) for c in v_out]
     engine.close()
     del engine
     release()
     rows = []
-    for p, h, v in zip(prompts, hf_out, v_out):
-        hs, vs = h.ids + [h.stop_id], v.ids + [v.stop_id]
-        first = next((i for i, (x, y) in enumerate(zip(hs, vs)) if x != y), None)
-        row = {"equal": hs == vs, "first_difference": first}
+    for p, h, hs, vs in zip(prompts, hf_out, out["hf_ids"], out["vllm_ids"]):
+        first = parting(hs, vs)
+        row = {"equal": first is None, "first_difference": first}
         if first is not None:
             with torch.no_grad():
                 logits = lm.model(torch.tensor([p + h.ids[:first]], device=device)).logits[0, -1].float()
@@ -201,8 +210,7 @@ def main() -> int:
         for p in record["passes"].values():
             for engine in ("hf", "vllm"):
                 if f"{engine}_ids" in p:
-                    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                              for a, b in zip(p[f"{engine}_ids"], ref)]
+                    prefix = [len(a) if (n := parting(a, b)) is None else n for a, b in zip(p[f"{engine}_ids"], ref)]
                     p[f"{engine}_fp32_prefix_mean"] = sum(prefix) / len(prefix)
     print(json.dumps(record, indent=2))
     if args.json:
