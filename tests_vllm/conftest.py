@@ -1,14 +1,11 @@
-import socket
+"""tests_vllm uses the CPU suite's fixtures (the one-process model layout). Loaded by path: both files are
+named conftest.py."""
 
-import pytest
+import importlib.util
+from pathlib import Path
 
-
-@pytest.fixture(scope="session")
-def single_rank():
-    """A one-process gloo world with megatron-core's parallel state (as tests/conftest.py's)."""
-    from megatron.parallel.layout import single_process_layout
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return single_process_layout(port=port)
+_spec = importlib.util.spec_from_file_location("cpu_suite_conftest",
+                                               Path(__file__).resolve().parents[1] / "tests" / "conftest.py")
+_cpu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_cpu)
+single_rank = _cpu.single_rank
