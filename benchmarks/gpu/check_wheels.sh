@@ -2,7 +2,8 @@
 # CPU stand-in for the GPU machine: a fresh virtualenv holding only torch and the image's packages
 # (benchmarks/gpu/device_image.txt), plus .whl/ installed the way benchmarks/gpu/session.sh installs it there.
 # Then every module the device stages import is imported, and the lm-eval peer, a 2-rank deepy.py run, generation
-# from its checkpoint and the recipe stage's script (--smoke) go through it on the CPU. Run after `make gpu-wheels`:  make gpu-wheels-check   (~3 min; needs the index)
+# from its checkpoint and the recipe stage's script (--smoke) go through it on the CPU.
+# Run after `make gpu-wheels`:  make gpu-wheels-check   (~3 min; needs the index)
 # The stand-in's Python is this machine's (3.11 here, 3.12 there): for the few compiled wheels in .whl/ it
 # installs the same versions built for its own Python, so what is checked is that nothing is missing.
 set -euo pipefail
