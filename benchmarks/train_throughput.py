@@ -23,7 +23,7 @@ fast-fusedgrad with the transformer layers' GEMMs in FP8 (torchao, tensorwise / 
 run beside `fast-fusedgrad` in the same call: `--variants fast-fusedgrad,fast-fusedgrad-fp8,fast-fusedgrad-fp8-rowwise`. First it runs the GPU-only tests (tests_gpu/,
 `make test-gpu`), so every timed GPU branch is also checked in the same run (--skip-gpu-tests to leave them out).
 
-Before each of our runs the planner (megatron/planning.py) predicts its peak memory; a run predicted not to fit the
+Before each of our runs the planner (megatron/planning/) predicts its peak memory; a run predicted not to fit the
 GPU is skipped (`--run-predicted-oom` runs it anyway) and every measured peak is printed beside its prediction.
 Prints a table; --json writes the records (atomically: the header with the peak and the tests' outcome as soon as
 they are known, then again after every row). The GPU machine's calls are short (10 minutes) and only files come

@@ -420,7 +420,7 @@ def test_fp8_checkpoint_exports_bf16_weights_to_hugging_face(fp8_runs, tmp_path)
 
 
 def test_planner_prices_fp8_as_a_labelled_prediction():
-    """megatron/planning.py: FP8 shortens only the transformer layers' GEMM time (tensorwise more than rowwise),
+    """megatron/planning/plan.py: FP8 shortens only the transformer layers' GEMM time (tensorwise more than rowwise),
     adds its one-byte working copies to the memory, and says both are predictions."""
     from megatron import planning
 

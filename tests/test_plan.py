@@ -1,4 +1,4 @@
-"""The run planner (megatron/planning.py, tools/plan.py) against independent references.
+"""The run planner (megatron/planning/, tools/plan.py) against independent references.
 
 * parameter counts: Hugging Face's LlamaForCausalLM built on the meta device from each preset's shapes;
 * FLOPs: 6 x (HF parameters that are matmul weights) + 12 L h s, computed here from the HF count;
@@ -309,7 +309,7 @@ def test_gradient_allreduce_memory_is_what_deepspeeds_bucketing_allocates(matric
     cfg = load("astrosage70b_cpt.yml").config
     comm = get_communication_data_type(deepspeed_config(cfg, 32, "bf16"))  # what the engine reads from it
     monkeypatch.setattr(ds_engine.dist, "all_reduce", lambda *a, **k: None)  # one rank: the sum is the tensor
-    monkeypatch.setattr(planning, "ALLREDUCE_BUCKET", 500)
+    monkeypatch.setattr(planning.memory, "ALLREDUCE_BUCKET", 500)
     engine = types.SimpleNamespace(flatten=_flatten_dense_tensors, unflatten=_unflatten_dense_tensors,
                                    communication_data_type=comm, gradient_average=False)
     for name in ("allreduce_bucket", "allreduce_and_copy"):
