@@ -56,6 +56,15 @@ def with_suffix(path: str) -> str:
     return path
 
 
+def entry_script(script: str) -> str | None:
+    """The script to run: as given when it exists from here, else the one in this checkout (GPT-NeoX users write
+    `train.py` wherever they stand); None when neither exists."""
+    if os.path.isfile(script):
+        return script
+    in_root = os.path.join(ROOT, script)
+    return in_root if not os.path.isabs(script) and os.path.isfile(in_root) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("script", help="the worker script, normally train.py")
@@ -74,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     neox.add_argument("--wandb_team", default=None)
     neox.add_argument("-H", "--hostfile", default=None)
     args = parser.parse_args(argv)
+    script = entry_script(args.script)
+    if script is None:  # before the config is read: a typo must not launch DeepSpeed or touch the run folder
+        looked = " and ".join(dict.fromkeys([os.getcwd(), ROOT]))
+        print(f"Launch error; nothing was launched:\n  - entry script {args.script!r} not found (looked in {looked})"
+              "\n    fix: name train.py, generate.py or eval.py, or the path of your own script", file=sys.stderr)
+        return 2
+    args.script = script
 
     paths = [with_suffix(os.path.join(args.conf_dir, c) if args.conf_dir else c) for c in args.configs]
     overrides = {k: v for k, v in vars(args).items() if k in OVERRIDES and v is not None}

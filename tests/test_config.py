@@ -184,6 +184,20 @@ def test_deepy_dry_run_writes_resolved_config_and_command(tmp_path):
     resolved = yaml.safe_load((tmp_path / "run" / "config.yml").read_text())
     assert resolved["num_gpus"] == 2 and resolved["pipe_partition_method"] == "type:transformer"
     assert "--num_gpus 2" in proc.stdout and "--config" in proc.stdout
+    # Run from another folder, `train.py` is this checkout's: the workers are given its full path.
+    assert f" {ROOT / 'train.py'} --config" in proc.stdout, proc.stdout
+
+
+def test_deepy_refuses_an_entry_script_that_does_not_exist_before_touching_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yml").write_text("the previous run's resolved config\n")
+    good = write(tmp_path, "good.yml", yaml.safe_dump(tiny_raw(num_gpus=2, run_dir=str(run))))
+    proc = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "trian.py", good], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "launch:" not in proc.stdout and "Traceback" not in proc.stderr
+    assert "entry script 'trian.py' not found" in proc.stderr and "train.py, generate.py or eval.py" in proc.stderr
+    assert (run / "config.yml").read_text() == "the previous run's resolved config\n"
 
 
 def test_deepy_takes_gpt_neox_options_and_config_names_without_suffix(tmp_path):

@@ -127,13 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bar.update(result.records)
                 bar.set_postfix_str(f"{tokens / elapsed / 1e3:.1f}k tok/s", refresh=False)
         except BadRecordError as err:
+            bar.close()  # ends the bar's line, so the error starts on its own
             print(f"error: bad record {err}; no output written (--skip-bad counts and skips such records)",
                   file=sys.stderr)
             return 1
         except CorruptInputError as err:
+            bar.close()
             print(f"error: {err}; no output written", file=sys.stderr)
             return 1
         if conversations == 0:
+            bar.close()
             print(f"error: no conversation to write ({records:,} records read, {sum(bad.values()):,} bad); "
                   f"no output written", file=sys.stderr)
             return 1

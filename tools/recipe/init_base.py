@@ -11,16 +11,28 @@ the weights continued pretraining starts from.
 """
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron.checkpoint.hf_config import generation_config, hf_config_from_keys, model_keys_from_neox  # noqa: E402
+from megatron.checkpoint.hf_config import (ConversionError, generation_config, hf_config_from_keys,  # noqa: E402
+                                           model_keys_from_neox)
 from megatron.checkpoint.hf_tokenizer import write_llama3_tokenizer  # noqa: E402
+from megatron.config.loader import read_yaml_files  # noqa: E402
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the finished folder `new` at `out`, replacing what was there (moved aside first, removed after)."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -29,20 +41,32 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="HF folder to write")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
+    raw, _, _, issues = read_yaml_files([args.config])  # a missing file, bad YAML: named, as deepy.py names them
+    try:
+        if issues:
+            raise ConversionError("; ".join(" ".join(f"{i.message} ({i.fix})".split()) for i in issues))
+        keys = model_keys_from_neox(raw, args.config)
+        cfg = hf_config_from_keys(keys, "float32")
+    except ConversionError as e:
+        print(f"error: {args.config}: {e}; nothing written" if args.config not in str(e) else f"error: {e}; nothing "
+              "written", file=sys.stderr)
+        return 2
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    keys = model_keys_from_neox(raw, args.config)
-    cfg = hf_config_from_keys(keys, "float32")
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    # Written beside the output and renamed into place when complete: an interrupted run leaves no half model
+    # (and an earlier one at --output stays whole until the new one replaces it).
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("torch_dtype", "dtype")}))
-    model.save_pretrained(out)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")  # the release's layout, as the exporter
-    (out / "generation_config.json").write_text(json.dumps(generation_config(cfg["bos_token_id"],
-                                                                             cfg["eos_token_id"]), indent=2) + "\n")
-    write_llama3_tokenizer(out)
+    model.save_pretrained(staging)
+    (staging / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")  # the release's layout, as the exporter
+    (staging / "generation_config.json").write_text(
+        json.dumps(generation_config(cfg["bos_token_id"], cfg["eos_token_id"]), indent=2) + "\n")
+    write_llama3_tokenizer(staging)
+    replace_folder(staging, out)
     n = sum(t.numel() for t in model.parameters())
     print(f"{out}: random-init LlamaForCausalLM, {n / 1e6:.1f}M parameters (seed {args.seed}), Llama-3 tokenizer")
     return 0

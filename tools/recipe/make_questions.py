@@ -27,9 +27,30 @@ def sentences(text: str):
             yield line
 
 
+class CorpusError(ValueError):
+    """The corpus cannot be read: missing, or a line that is not a JSON object with a string `text`."""
+
+
+def read_texts(corpus: Path) -> list[str]:
+    if not corpus.is_file():
+        raise CorpusError(f"{corpus}: file not found; pass the domain corpus JSONL (one {{\"text\": ...}} per line)")
+    docs = []
+    for n, line in enumerate(corpus.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{corpus}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise CorpusError(f"{corpus}:{n}: expected an object with a string `text` field")
+        docs.append(row["text"])
+    return docs
+
+
 def build(corpus: Path, count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    docs = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    docs = read_texts(corpus)
     pool = sorted({s for d in docs for s in sentences(d)})
     vocab = sorted({w.lower() for d in docs for w in WORD.findall(d)})
     rng.shuffle(pool)
@@ -65,7 +86,11 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=40)
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
-    rows = build(Path(args.corpus), args.count + 2, args.seed)
+    try:
+        rows = build(Path(args.corpus), args.count + 2, args.seed)
+    except CorpusError as e:
+        print(f"error: {e}; nothing written", file=sys.stderr)
+        return 2
     if len(rows) < args.count + 2:
         print(f"error: {args.corpus}: only {len(rows)} questions could be made, {args.count + 2} needed; "
               f"use a larger corpus or a smaller --count", file=sys.stderr)
