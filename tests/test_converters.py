@@ -578,6 +578,15 @@ def test_export_errors_and_cli_exit_code(work, converted, capsys):
     with pytest.raises(ConversionError, match=r"word_embeddings\.weight has shape \[256, 64\], expected \[256, 128\]"):
         neox_to_hf(work / "err_shape_ckpt", work / "e2", **QUIET)
 
+    # A layer file cut short (a copy that did not finish): named as unreadable; the shard being written when it was
+    # reached is removed, so the output folder holds no half file.
+    shutil.copytree(converted[(1, 1)], work / "err_cut_ckpt")
+    cut = work / "err_cut_ckpt" / "global_step0" / metadata.layer_file(2, 0)
+    cut.write_bytes(cut.read_bytes()[:1000])
+    with pytest.raises(ConversionError, match=rf"{cut.name} cannot be read"):
+        neox_to_hf(work / "err_cut_ckpt", work / "e_cut", **QUIET)
+    assert list((work / "e_cut").iterdir()) == []
+
     with pytest.raises(ConversionError, match="already holds a checkpoint"):
         hf_to_neox(work / "hf", converted[(1, 1)], **QUIET)
 

@@ -124,3 +124,29 @@ def test_an_interrupted_merge_leaves_the_previous_merge_whole(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpt", "merge.yml", "merged", "merged.merge.yml", "sft"]
     assert json.loads(json.dumps(yaml.safe_load((tmp_path / "merged.merge.yml").read_text())))["merge_method"] == \
         "dare_ties"
+
+
+def test_figure_and_table_name_the_file_they_cannot_read(tmp_path):
+    for run in ("cpt", "sft"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "config.yml").write_text(yaml.safe_dump(
+            {"num_gpus": 2, "model_parallel_size": 1, "pipe_parallel_size": 1, "train_micro_batch_size_per_gpu": 2,
+             "seq_length": 64}))
+    (tmp_path / "cpt" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 5.0}\nnot json\n'
+                                                    '{"step": 2, "train/loss": 4.0}\n')
+    figure = ["--cpt", str(tmp_path / "cpt"), "--sft", str(tmp_path / "sft"), "--output", str(tmp_path / "f.png")]
+    (bad_line,) = refusals("figure", figure)
+    assert "cpt/metrics.jsonl:2: not a metrics record" in bad_line
+    # A line cut short by a kill is only ever the last: it is skipped, and the figure is drawn.
+    (tmp_path / "cpt" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 5.0}\n{"step": 2, "tr')
+    (tmp_path / "sft" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 3.0}\n')
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/recipe/figure.py"), *figure], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "f.png").stat().st_size > 0, proc.stderr
+    assert "CPT train: 5.000 -> 5.000 over 1 points" in proc.stdout
+
+    (tmp_path / "eval" / "cpt-next-token").mkdir(parents=True)
+    (tmp_path / "eval" / "cpt-next-token" / "summary.json").write_text('{"n": 4, "correct"')
+    (bad_summary,) = refusals("table", ["--eval-dir", str(tmp_path / "eval")])
+    assert "cpt-next-token/summary.json: not a summary.json of tools/eval/mcq.py (not JSON" in bad_summary
+    assert not (tmp_path / "eval" / "table.md").exists()

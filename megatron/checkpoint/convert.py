@@ -512,13 +512,18 @@ def neox_to_hf(input_dir: str | Path, out_dir: str | Path, *, iteration: Optiona
     plan = shard_plan(order, out_dtype, max_shard_size)
     writer = ShardedWriter(out_dir, plan, out_dtype)
     bar = tqdm(total=len(order), desc="neox -> hf", unit="tensor", disable=not progress, dynamic_ncols=True)
-    for name, tensor in iter_hf_tensors(ckpt):
-        bar.set_postfix_str(f"{name} -> {writer.order[writer.pos][0] + 1}/{len(plan)}", refresh=False)
-        writer.write(name, tensor)
-        del tensor
-        bar.update(1)
-    bar.close()
-    writer.close()
+    try:
+        for name, tensor in iter_hf_tensors(ckpt):
+            bar.set_postfix_str(f"{name} -> {writer.order[writer.pos][0] + 1}/{len(plan)}", refresh=False)
+            writer.write(name, tensor)
+            del tensor
+            bar.update(1)
+        bar.close()
+        writer.close()
+    except BaseException:  # a corrupt layer file, an interrupt: no half-written shard is left behind
+        bar.close()  # (ends the bar's line: the error is printed on its own)
+        writer.abort()
+        raise
 
     dtype_name = HF_DTYPE_NAMES[out_dtype]
     config, gen = hf_out_config(ckpt, dtype_name)

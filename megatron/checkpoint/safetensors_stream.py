@@ -200,6 +200,14 @@ class ShardedWriter:
         self.total_params += t.numel()
         self.pos += 1
 
+    def abort(self) -> None:
+        """After a failure: the shard being written is removed (the finished ones stay, under their final names,
+        without the index no loader takes them for a model)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self.tmp.unlink(missing_ok=True)
+
     def close(self) -> Path:
         if self.pos != len(self.order):
             raise RuntimeError(f"only {self.pos} of {len(self.order)} tensors were written")

@@ -21,6 +21,25 @@ except ImportError as e:
     sys.exit(2)
 
 import megatron.eval.harness  # noqa: E402,F401  registers --model neox
+from megatron.generation.loading import ModelLoadError  # noqa: E402
+
+
+def main() -> int:
+    """lm-eval's command line; the two mistakes a user makes most (a model folder that cannot be loaded, a task
+    name lm-eval does not know) end in one line and exit 2 instead of lm-eval's traceback."""
+    try:
+        cli_evaluate()
+    except ModelLoadError as e:
+        print(f"error: --model_args: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if not str(e).startswith("Tasks not found"):
+            raise
+        print(f"error: {e}; `python tools/eval/harness.py ls tasks` lists the known ones (--include_path DIR adds "
+              "your own YAML tasks)", file=sys.stderr)
+        return 2
+    return 0
+
 
 if __name__ == "__main__":
-    cli_evaluate()
+    sys.exit(main())

@@ -15,18 +15,37 @@ from pathlib import Path
 import yaml
 
 
+class RunError(ValueError):
+    """A run folder the figure cannot be drawn from: what is missing or malformed, with its file (and line)."""
+
+
 def read_run(run_dir: Path) -> tuple[list[dict], int]:
     """The run's records (the last one of each (step, metric) wins: a resumed run rewrites its tail) and its
     tokens per step."""
-    cfg = yaml.safe_load((run_dir / "config.yml").read_text())
-    dp = cfg.get("num_gpus", 1) // (cfg.get("model_parallel_size", 1) * cfg.get("pipe_parallel_size", 1))
-    tokens_per_step = (cfg["train_micro_batch_size_per_gpu"] * cfg.get("gradient_accumulation_steps", 1)
-                       * max(1, dp) * cfg["seq_length"])
+    config, metrics = run_dir / "config.yml", run_dir / "metrics.jsonl"
+    for path in (metrics, config):
+        if not path.is_file():
+            raise RunError(f"{path} missing; run the training stage first (its run_dir holds both files)")
+    try:
+        cfg = yaml.safe_load(config.read_text())
+        dp = cfg.get("num_gpus", 1) // (cfg.get("model_parallel_size", 1) * cfg.get("pipe_parallel_size", 1))
+        tokens_per_step = (cfg["train_micro_batch_size_per_gpu"] * cfg.get("gradient_accumulation_steps", 1)
+                           * max(1, dp) * cfg["seq_length"])
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError) as e:
+        raise RunError(f"{config}: not the resolved config deepy.py writes ({type(e).__name__}: {e})") from None
     merged: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    lines = metrics.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if line.strip():
-            rec = json.loads(line)
-            merged.setdefault(rec["step"], {}).update(rec)
+            try:
+                rec = json.loads(line)
+                merged.setdefault(int(rec["step"]), {}).update(rec)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                if n == len(lines):  # the last line of a killed run may be cut short: skipped
+                    continue
+                raise RunError(f"{metrics}:{n}: not a metrics record (a JSON object with a step)") from None
+    if not any("train/loss" in r for r in merged.values()):
+        raise RunError(f"{metrics}: no train/loss record; has the run logged a step?")
     return [merged[s] for s in sorted(merged)], tokens_per_step
 
 
@@ -48,12 +67,12 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for d in (args.cpt, args.sft):
-        if not (Path(d) / "metrics.jsonl").exists():
-            print(f"error: {d}/metrics.jsonl missing; run the training stage first", file=sys.stderr)
-            return 2
-    cpt, cpt_tps = read_run(Path(args.cpt))
-    sft, sft_tps = read_run(Path(args.sft))
+    try:
+        cpt, cpt_tps = read_run(Path(args.cpt))
+        sft, sft_tps = read_run(Path(args.sft))
+    except RunError as e:
+        print(f"error: {e}; nothing drawn", file=sys.stderr)
+        return 2
     end = max(r["step"] for r in cpt) * cpt_tps
     fig, (ax_loss, ax_lr, ax_mcq) = plt.subplots(3, 1, figsize=(8, 9), sharex=True,
                                                  gridspec_kw={"height_ratios": [3, 1.3, 1.3]})

@@ -26,7 +26,17 @@ def main(argv=None) -> int:
         for method in METHODS:
             summary = root / f"{model}-{method}" / "summary.json"
             if summary.exists():
-                cells[model, method] = json.loads(summary.read_text())
+                try:
+                    s = json.loads(summary.read_text())
+                    problem = None if isinstance(s, dict) and {"n", "correct", "accuracy"} <= s.keys() else \
+                        "no n, correct and accuracy"
+                except json.JSONDecodeError as e:
+                    problem = f"not JSON: {e}"
+                if problem:
+                    print(f"error: {summary}: not a summary.json of tools/eval/mcq.py ({problem}); rerun that "
+                          "evaluation (its folder holds the per-question predictions.jsonl)", file=sys.stderr)
+                    return 2
+                cells[model, method] = s
     if not cells:
         print(f"error: no {root}/<model>-<method>/summary.json; run the eval stage first", file=sys.stderr)
         return 2
@@ -42,11 +52,18 @@ def main(argv=None) -> int:
             if s is None:
                 out.append("-")
                 continue
-            lo, hi = s["ci95"]
             extra = f", {s['unparseable']} unparseable" if s.get("unparseable") else ""
+            if s["accuracy"] is None:  # a question file without answers: mcq.py wrote predictions only
+                out.append(f"predictions only ({s.get('questions', 0)} questions{extra})")
+                continue
+            lo, hi = s["ci95"]
             out.append(f"{s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] ({s['correct']}/{s['n']}{extra})")
         rows.append(f"| {model} | " + " | ".join(out) + " |")
     lines = ["Accuracy on the recipe's questions, 95% Wilson interval in brackets (chance 0.25):", ""] + rows
+    if args.compare and not Path(args.compare).is_file():
+        print(f"error: --compare {args.compare}: file not found; save the output of mcq.py --compare there",
+              file=sys.stderr)
+        return 2
     if args.compare:
         text = Path(args.compare).read_text().strip().splitlines()
         if text:
