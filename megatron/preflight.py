@@ -7,6 +7,8 @@ exit 2, nothing launched, nothing written:
   is the run's own `save` folder on its first launch); `load_iteration` must name a complete checkpoint, and needs
   a `load`; a resume from an earlier step may not overwrite or prune later complete checkpoints in `save` unless
   `allow_rollback` says so.
+* the checkpoint that would be loaded (the run's own latest in `save`, else `load`) holds a model of the shape the
+  config builds (layers, widths, heads, vocabulary when set).
 * data: every prefix (train/valid/test, their labels, data_path, replay) opens: both files exist, the .idx header
   is sound, its dtype is an integer type, its sizes agree with the .bin, and the largest token id is below the
   vocabulary. The id range of each .bin is cached (beside the data, or in data_cache_dir) keyed by the file's
@@ -93,6 +95,8 @@ def checkpoint_issues(cfg: NeoXConfig, sources: dict) -> list[ConfigIssue]:
                     "load", f"no complete checkpoint to load: {_folder_contents(root)}",
                     "fix the path; or, to start from random weights on purpose, set allow_fresh_start: true (or "
                     "remove load)", cfg.load, src("load")))
+    if not issues:
+        issues += shape_issues(cfg, sources, own)
     if cfg.load and cfg.load_iteration is not None and cfg.save and not cfg.allow_rollback:
         later = [t for t in metadata.complete_tags(cfg.save) if metadata.tag_iteration(t) > cfg.load_iteration]
         if later:
@@ -102,6 +106,37 @@ def checkpoint_issues(cfg: NeoXConfig, sources: dict) -> list[ConfigIssue]:
                 "to roll back on purpose set allow_rollback: true; to continue the run remove load_iteration; or "
                 "save to another folder", cfg.load_iteration, src("load_iteration")))
     return issues
+
+
+# The model keys a config sets directly that fix the tensors' shapes (vocab_size only when the config sets it: unset,
+# it is the tokenizer's). The trainer checks them all again when it loads (CheckpointManager._check_model).
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+
+
+def shape_issues(cfg: NeoXConfig, sources: dict, own: Optional[str]) -> list[ConfigIssue]:
+    """The checkpoint that would be loaded holds a model of another shape than the config builds: refused here,
+    before any rank starts, rather than by every rank after the launch."""
+    root = Path(cfg.save) if own else Path(cfg.load) if cfg.load else None
+    tag = own or (metadata.tag_for(cfg.load_iteration) if cfg.load_iteration is not None else
+                  metadata.find_loadable_tag(root, warn=lambda m: None) if root and root.is_dir() else None)
+    if tag is None:
+        return []
+    try:
+        saved = metadata.read_meta(root / tag).get("model") or {}
+    except (OSError, ValueError):
+        return []  # an unreadable marker is named above (load_iteration) or by the loader, which skips it
+    ours = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "num_attention_heads": cfg.num_attention_heads, "num_kv_heads": cfg.kv_heads,
+            "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}
+    diff = [k for k in SHAPE_KEYS if saved.get(k) is not None and ours[k] is not None and saved[k] != ours[k]]
+    if not diff:
+        return []
+    which = "save" if own else "load"
+    return [ConfigIssue(
+        k, f"{root / tag} ({which}) holds a model with {k} = {saved[k]}; the config builds one with {ours[k]}",
+        f"set {k}: {saved[k]} (a converted checkpoint has its model keys in model.yml), or load a checkpoint of "
+        "this shape", ours[k], sources.get(k) or sources.get(which))
+        for k in diff]
 
 
 # ---------------------------------------------------------------- data

@@ -159,6 +159,11 @@ def test_resuming_under_other_rope_or_norm_settings_is_refused_unless_finetuning
         assert named in str(err.value) and str(tmp_path) in str(err.value)
     manager(rotary_emb_base=1e6, finetune=True)._check_model(meta, tmp_path)  # context extension, on purpose
     assert "rotary_emb_base: 500000.0 -> 1000000.0" in logged[-1]
+    # Another shape is refused even when fine-tuning (deepy.py's preflight refuses it first; a launch without it,
+    # e.g. train.py under srun directly, meets this check on every rank).
+    with pytest.raises(CheckpointMismatchError, match="different: hidden_size") as err:
+        manager(hidden_size=128, finetune=True)._check_model(meta, tmp_path)
+    assert "hidden_size=64" in str(err.value) and "hidden_size=128" in str(err.value)
 
 
 def test_an_unloadable_checkpoint_names_its_truncated_file(tmp_path):

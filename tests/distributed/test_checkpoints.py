@@ -225,13 +225,14 @@ def test_nan_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path, dat
         lrs[s] == pytest.approx(lr_at(s - 1, cfg), rel=1e-9) for s in lrs)
 
 
-def test_loading_a_checkpoint_of_another_shape_names_both_shapes(tmp_path, data, small_1rank):
+def test_loading_a_checkpoint_of_another_shape_is_refused_before_launch(tmp_path, data, small_1rank):
     proc = _deepy(_config(tmp_path / "wide", data, (1, 1, 1), hidden_size=128, num_attention_heads=4,
                           load=str(small_1rank / "ckpt")))
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and "launch:" not in proc.stdout
     err = proc.stderr
-    assert "hidden_size=64" in err and "hidden_size=128" in err and "different: hidden_size" in err
-    assert "Traceback" not in err
+    assert "nothing was launched" in err and "hidden_size = 128: " in err, err
+    assert "holds a model with hidden_size = 64; the config builds one with 128" in err
+    assert "fix: set hidden_size: 64" in err and "Traceback" not in err
 
 
 def test_inspect_checkpoint_reports_layout_progress_and_config_diff(tmp_path, data, small_1rank, capsys):
