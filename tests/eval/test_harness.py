@@ -115,12 +115,15 @@ def test_deepy_eval_refuses_an_unknown_task_before_loading(eval_work, task_dir, 
 
 def test_harness_tool_names_a_bad_model_folder_and_an_unknown_task(eval_work, task_dir, tmp_path):
     """tools/eval/harness.py is lm-eval's command line: its two usual mistakes end in one line and exit 2."""
-    for model_args, task, message in ((f"path={tmp_path / 'nope'}", "astro_local", "error: --model_args: "),
-                                      (f"path={tmp_path}", "astro_locl", "error: Tasks not found: astro_locl")):
-        proc = run_tool(["tools/eval/harness.py", "--model", "neox", "--model_args", model_args, "--tasks", task,
-                         "--include_path", task_dir], check=False)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-3000:]
+    cases = ((f"path={tmp_path / 'nope'}", "astro_local", "error: --model_args: "),
+             (f"path={tmp_path}", "astro_locl", "error: Tasks not found: astro_locl"))
+    procs = [subprocess.Popen([sys.executable, "tools/eval/harness.py", "--model", "neox", "--model_args", model_args,
+                               "--tasks", task, "--include_path", str(task_dir)], cwd=ROOT, env=ENV, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for model_args, task, _ in cases]
+    for proc, (_, _, message) in zip(procs, cases):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith(message), err[-3000:]
 
 
 def test_deepy_eval_config_errors_and_a_missing_lm_eval(eval_work, task_dir, memorised, tmp_path):
