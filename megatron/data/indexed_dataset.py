@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Optional
 
 import numpy as np
 
@@ -171,8 +172,9 @@ class IndexedDatasetWriter:
         self._lengths.extend(lengths.tolist())
         self._document_indices.extend(range(base + 1, base + len(lengths) + 1))
 
-    def add_index(self, prefix: str) -> None:
-        """Append every document of an existing dataset with the same dtype (used to merge shards)."""
+    def add_index(self, prefix: str, on_bytes: Optional[Callable[[int], None]] = None) -> None:
+        """Append every document of an existing dataset with the same dtype (used to merge shards); `on_bytes` is
+        told each block of the .bin copied (a progress bar)."""
         other = IndexedDataset(prefix)
         if other.dtype != self.dtype:
             raise ValueError(f"{prefix}: dtype {other.dtype} differs from the writer's {self.dtype}")
@@ -182,6 +184,8 @@ class IndexedDatasetWriter:
         with open(bin_path(prefix), "rb") as source:
             while block := source.read(64 << 20):
                 self._bin.write(block)
+                if on_bytes:
+                    on_bytes(len(block))
 
     @property
     def num_documents(self) -> int:

@@ -19,10 +19,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing
 
+from tqdm import tqdm  # noqa: E402
+
 from megatron.data.indexed_dataset import (  # noqa: E402
     CorruptDatasetError,
     IndexedDataset,
     IndexedDatasetWriter,
+    bin_path,
 )
 
 
@@ -30,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", nargs="+", required=True, help="dataset prefixes (without .bin/.idx)")
     parser.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.{bin,idx}")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = parser.parse_args(argv)
     if os.path.abspath(args.output_prefix) in {os.path.abspath(p) for p in args.inputs}:
         parser.error("the output prefix must differ from every input")
@@ -38,9 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtypes = {str(ds.dtype) for ds in datasets}
         if len(dtypes) > 1:
             raise ValueError(f"inputs have different token dtypes: {', '.join(sorted(dtypes))}")
-        with IndexedDatasetWriter(args.output_prefix, datasets[0].dtype) as writer:
+        total = sum(os.path.getsize(bin_path(ds.prefix)) for ds in datasets)
+        with IndexedDatasetWriter(args.output_prefix, datasets[0].dtype) as writer, \
+                tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not args.progress) as bar:
             for ds in datasets:
-                writer.add_index(ds.prefix)
+                writer.add_index(ds.prefix, on_bytes=bar.update)
             writer.finalize()
     except (FileNotFoundError, CorruptDatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
