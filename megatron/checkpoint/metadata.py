@@ -128,8 +128,10 @@ def files_to_checksum(tag_dir: Path) -> list[str]:
     return sorted(p.name for p in Path(tag_dir).iterdir() if p.is_file() and p.name != META_NAME)
 
 
-def verify_files(tag_dir: Path, checksums: dict[str, str], names: Iterable[str]) -> list[tuple[str, str]]:
-    """(file, what is wrong) for each of `names` that is missing or whose bytes differ from the recorded checksum."""
+def verify_files(tag_dir: Path, checksums: dict[str, str], names: Iterable[str],
+                 on_file: Optional[Callable[[Path], None]] = None) -> list[tuple[str, str]]:
+    """(file, what is wrong) for each of `names` that is missing or whose bytes differ from the recorded checksum;
+    `on_file` is told each file once it is checked (a progress bar)."""
     bad = []
     for name in names:
         path = Path(tag_dir) / name
@@ -137,6 +139,8 @@ def verify_files(tag_dir: Path, checksums: dict[str, str], names: Iterable[str])
             bad.append((name, "is missing"))
             continue
         got = file_checksum(path)
+        if on_file:
+            on_file(path)
         if got != checksums[name]:
             bad.append((name, f"does not match its recorded checksum (its bytes changed since the save: bit rot, "
                               f"a bad copy or an edit; {got.split(':')[-1][:12]}... != "
