@@ -215,9 +215,13 @@ class CheckpointManager:
         # Optimizer shards are not read by a weights-only load (finetune): no need to read them here either.
         names = [n for n in sorted(checksums) if not (weights_only and n.startswith("zero_pp_rank_"))]
         world = torch.distributed.get_world_size()
+        start = time.monotonic()
         mine = metadata.verify_files(tag_dir, checksums, self._my_share(names))
         shares = [None] * world
         torch.distributed.all_gather_object(shares, mine)
+        # (said, because at 70B reading every file back takes a while before the first step)
+        self.log(f"checked {len(names)} files of {tag_dir} against their checksums in {time.monotonic() - start:.1f} s "
+                 f"({world} ranks sharing them)")
         return sorted(bad for share in shares for bad in share)
 
     def _verified_tag(self, root: Path, tag: str, explicit: bool, weights_only: bool) -> str:
