@@ -587,6 +587,21 @@ def test_export_errors_and_cli_exit_code(work, converted, capsys):
         neox_to_hf(work / "err_cut_ckpt", work / "e_cut", **QUIET)
     assert list((work / "e_cut").iterdir()) == []
 
+    # --overwrite writes the new export beside the old one and swaps it in when complete: a failed overwrite leaves
+    # the old model whole; a finished one replaces it and keeps the folder's other files.
+    neox_to_hf(converted[(1, 1)], work / "e_over", dtype="bf16", **QUIET)
+    (work / "e_over" / "NOTES.md").write_text("mine\n")
+    before = {f.name: f.read_bytes() for f in (work / "e_over").iterdir()}
+    with pytest.raises(ConversionError, match="already holds a model"):
+        neox_to_hf(converted[(1, 1)], work / "e_over", dtype="fp32", **QUIET)
+    with pytest.raises(ConversionError, match=rf"{cut.name} cannot be read"):
+        neox_to_hf(work / "err_cut_ckpt", work / "e_over", overwrite=True, **QUIET)
+    assert {f.name: f.read_bytes() for f in (work / "e_over").iterdir()} == before
+    neox_to_hf(converted[(1, 1)], work / "e_over", dtype="fp32", overwrite=True, **QUIET)
+    assert json.loads((work / "e_over" / "config.json").read_text())["dtype"] == "float32"
+    assert (work / "e_over" / "NOTES.md").read_text() == "mine\n"
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".e_over")) == []
+
     with pytest.raises(ConversionError, match="already holds a checkpoint"):
         hf_to_neox(work / "hf", converted[(1, 1)], **QUIET)
 

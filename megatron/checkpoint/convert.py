@@ -15,6 +15,7 @@ immediately. Peak memory is about one layer's tensors (a few times, during the m
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import warnings
@@ -489,24 +490,44 @@ def neox_to_hf(input_dir: str | Path, out_dir: str | Path, *, iteration: Optiona
                overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = _say) -> Path:
     """Export a checkpoint (root or tag folder) to a HF directory. `tokenizer`: "auto" (Llama-3 files when the
     vocabulary is Llama-3's, the run's tokenizer.json for HFTokenizer), "none", or a directory to copy from."""
-    from megatron.checkpoint import hf_tokenizer
-
     out_dir = Path(out_dir)
     ckpt = open_neox_checkpoint(input_dir, iteration, log)
-    tag_dir, keys, tp = ckpt.tag_dir, ckpt.keys, ckpt.tp
-    L = keys["num_layers"]
+    tag_dir, tp = ckpt.tag_dir, ckpt.tp
     src_dtype = ckpt.dtype
     out_dtype = DTYPES[dtype] if dtype else src_dtype
     if out_dtype not in HF_DTYPE_NAMES:
         raise ConversionError(f"the checkpoint's weights are {src_dtype}; pass --dtype bf16 or fp32")
 
-    if any(out_dir.glob("*.safetensors")) or (out_dir / "config.json").exists():
+    final_dir, replacing = out_dir, any(out_dir.glob("*.safetensors")) or (out_dir / "config.json").exists()
+    if replacing:
         if not overwrite:
             raise ConversionError(f"{out_dir} already holds a model; choose another --output-dir or pass --overwrite")
-        for p in list(out_dir.glob("model*.safetensors*")) + [out_dir / "config.json"]:
-            p.unlink(missing_ok=True)
+        # The new export is written beside the old one and swapped in when complete: interrupted, it leaves the
+        # old model whole.
+        out_dir = final_dir.with_name(f".{final_dir.name}.partial")
+        shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    try:
+        shards, params, written = _write_hf_folder(ckpt, out_dir, out_dtype, max_shard_size, tokenizer, progress, log)
+    except BaseException:
+        if replacing:  # the old model stays as it was; the unfinished new one goes
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if replacing:
+        _swap_in(out_dir, final_dir)
+    log(f"wrote {final_dir}: {shards} shard(s), {params / 1e6:,.2f}M parameters in {HF_DTYPE_NAMES[out_dtype]}"
+        f"{', ' + ', '.join(written) if written else ''} (from {tag_dir}, TP {tp})")
+    return final_dir
+
+
+def _write_hf_folder(ckpt: NeoxCheckpoint, out_dir: Path, out_dtype: torch.dtype, max_shard_size: int, tokenizer: str,
+                     progress: bool, log: Callable[[str], None]) -> tuple[int, int, list[str]]:
+    """The export's files in `out_dir`: the safetensors shards (streamed, layer by layer), config.json,
+    generation_config.json and the tokenizer's. Returns (shards, parameters, tokenizer files written)."""
+    from megatron.checkpoint import hf_tokenizer
+
+    keys, L = ckpt.keys, ckpt.keys["num_layers"]
     shapes = hf_shapes(keys)
     order = [(n, shapes[n]) for s in range(L + 3) for n in hf_names(L, s)]
     plan = shard_plan(order, out_dtype, max_shard_size)
@@ -542,9 +563,22 @@ def neox_to_hf(input_dir: str | Path, out_dir: str | Path, *, iteration: Optiona
         else:
             log(f"no tokenizer files written: vocab_size {keys['vocab_size']} ({ttype or 'no tokenizer_type'}) is "
                 f"not the Llama-3 tokenizer's {hf_config.LLAMA3_VOCAB_SIZE}; pass --tokenizer-dir to copy them")
-    log(f"wrote {out_dir}: {len(plan)} shard(s), {writer.total_params / 1e6:,.2f}M parameters in {dtype_name}"
-        f"{', ' + ', '.join(written) if written else ''} (from {tag_dir}, TP {tp})")
-    return out_dir
+    return len(plan), writer.total_params, written
+
+
+def _swap_in(new_dir: Path, final_dir: Path) -> None:
+    """Replace the model in `final_dir` with the finished export in `new_dir`. The old folder's other files that the
+    export did not write again (a README, tokenizer files kept with --tokenizer none) move to the new one; the old
+    weights and config.json are removed once the new folder is in place."""
+    old_model = re.compile(r"model.*\.safetensors.*|config\.json")
+    for p in final_dir.iterdir():
+        if not old_model.fullmatch(p.name) and not (new_dir / p.name).exists():
+            shutil.move(str(p), new_dir / p.name)
+    old = final_dir.with_name(f".{final_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    final_dir.rename(old)
+    new_dir.rename(final_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def peak_rss_bytes() -> int:
