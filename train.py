@@ -5,7 +5,6 @@
 Each worker reads the resolved config that deepy.py validated and wrote; nothing is re-derived from the command line.
 """
 
-import argparse
 import os
 import sys
 import warnings
@@ -23,16 +22,14 @@ except RuntimeError as err:
     sys.exit(2)
 
 from megatron.config.errors import ConfigError  # noqa: E402
-from megatron.config.loader import load_resolved  # noqa: E402
+from megatron.config.loader import entry_parser, load_resolved  # noqa: E402
 from megatron.checkpoint.manager import CheckpointMismatchError  # noqa: E402
 from megatron.data.indexed_dataset import CorruptDatasetError  # noqa: E402
 from megatron.trainer import Trainer, TrainingDiverged  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="resolved config written by deepy.py")
-    parser.add_argument("--run-dir", required=True, help="where logs, metrics and plots go")
+    parser = entry_parser(__doc__)
     parser.add_argument("--local_rank", type=int, default=None, help="set by the DeepSpeed launcher")
     args = parser.parse_args()
     world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None

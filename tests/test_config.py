@@ -188,6 +188,13 @@ def test_deepy_dry_run_writes_resolved_config_and_command(tmp_path):
     assert f" {ROOT / 'train.py'} --config" in proc.stdout, proc.stdout
 
 
+def test_an_entry_script_started_by_hand_says_how_to_start_it():
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "configs/tiny_cpu.yml"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "python deepy.py generate.py CONFIG.yml [MORE.yml ...]" in proc.stderr, proc.stderr
+
+
 def test_deepy_refuses_an_entry_script_that_does_not_exist_before_touching_the_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -196,17 +196,33 @@ def load_resolved(path: str | Path, world_size: Optional[int] = None, purpose: s
     return build_config(raw, {k: str(path) for k in raw}, world_size=world_size, purpose=purpose)
 
 
+def entry_parser(doc: str):
+    """The entry scripts' (train.py, generate.py, eval.py) command line: --config and --run-dir, which deepy.py
+    gives them. Started by hand (`python train.py my.yml`, a GPT-NeoX habit), the error says how to start them."""
+    import argparse
+    import sys
+
+    class EntryParser(argparse.ArgumentParser):
+        def error(self, message):
+            script = Path(sys.argv[0]).name
+            self.print_usage(sys.stderr)
+            self.exit(2, f"{self.prog}: error: {message}\n  {script} is started by deepy.py, which validates the "
+                         f"config files and writes the resolved config it reads: python deepy.py {script} CONFIG.yml "
+                         "[MORE.yml ...]\n")
+
+    parser = EntryParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="resolved config written by deepy.py")
+    parser.add_argument("--run-dir", required=True, help="where logs, metrics and output files go")
+    return parser
+
+
 def single_process_entry(doc: str, purpose: str, undone: str) -> tuple[Optional[NeoXConfig], str]:
     """The command line deepy.py gives the one-process entry scripts (generate.py, eval.py): --config (the resolved
     config it wrote) and --run-dir. Returns (config, run_dir), or (None, run_dir) after printing the config problems
     with `undone` ("nothing was generated") for the script to exit 2."""
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="resolved config written by deepy.py")
-    parser.add_argument("--run-dir", required=True, help="where default output files go")
-    args = parser.parse_args()
+    args = entry_parser(doc).parse_args()
     try:
         return load_resolved(args.config, purpose=purpose), args.run_dir
     except ConfigError as e:
