@@ -514,8 +514,9 @@ def neox_to_hf(input_dir: str | Path, out_dir: str | Path, *, iteration: Optiona
         if replacing:  # the old model stays as it was; the unfinished new one goes
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    if replacing:
-        _swap_in(out_dir, final_dir)
+    if replacing:  # the old folder's other files (a README, tokenizer files kept with --tokenizer none) move over
+        metadata.swap_in_folder(out_dir, final_dir, keep=lambda name: not re.fullmatch(
+            r"model.*\.safetensors.*|config\.json", name))
     log(f"wrote {final_dir}: {shards} shard(s), {params / 1e6:,.2f}M parameters in {HF_DTYPE_NAMES[out_dtype]}"
         f"{', ' + ', '.join(written) if written else ''} (from {tag_dir}, TP {tp})")
     return final_dir
@@ -564,21 +565,6 @@ def _write_hf_folder(ckpt: NeoxCheckpoint, out_dir: Path, out_dtype: torch.dtype
             log(f"no tokenizer files written: vocab_size {keys['vocab_size']} ({ttype or 'no tokenizer_type'}) is "
                 f"not the Llama-3 tokenizer's {hf_config.LLAMA3_VOCAB_SIZE}; pass --tokenizer-dir to copy them")
     return len(plan), writer.total_params, written
-
-
-def _swap_in(new_dir: Path, final_dir: Path) -> None:
-    """Replace the model in `final_dir` with the finished export in `new_dir`. The old folder's other files that the
-    export did not write again (a README, tokenizer files kept with --tokenizer none) move to the new one; the old
-    weights and config.json are removed once the new folder is in place."""
-    old_model = re.compile(r"model.*\.safetensors.*|config\.json")
-    for p in final_dir.iterdir():
-        if not old_model.fullmatch(p.name) and not (new_dir / p.name).exists():
-            shutil.move(str(p), new_dir / p.name)
-    old = final_dir.with_name(f".{final_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    final_dir.rename(old)
-    new_dir.rename(final_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def peak_rss_bytes() -> int:

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -98,6 +99,25 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def swap_in_folder(new_dir: Path, final_dir: Path, keep: Optional[Callable[[str], bool]] = None) -> None:
+    """Put the finished folder `new_dir` (written beside `final_dir`, on the same file system) at `final_dir`,
+    replacing what was there: the old folder is renamed aside, the new one renamed into place, then the old one
+    removed. Files of the old folder for which `keep(name)` is true, and which the new one lacks, move over first.
+    Used by the exporter's --overwrite and the recipe's merge and base stages: until the new folder is complete, the
+    old one stays whole."""
+    final_dir, new_dir = Path(final_dir), Path(new_dir)
+    if final_dir.is_dir() and keep:
+        for p in final_dir.iterdir():
+            if keep(p.name) and not (new_dir / p.name).exists():
+                shutil.move(str(p), new_dir / p.name)
+    old = final_dir.with_name(f".{final_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final_dir.exists():
+        final_dir.rename(old)
+    new_dir.rename(final_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- checksums

@@ -22,17 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron.checkpoint.hf_config import (ConversionError, generation_config, hf_config_from_keys,  # noqa: E402
                                            model_keys_from_neox)
 from megatron.checkpoint.hf_tokenizer import write_llama3_tokenizer  # noqa: E402
+from megatron.checkpoint.metadata import swap_in_folder  # noqa: E402
 from megatron.config.loader import read_yaml_files  # noqa: E402
-
-
-def replace_folder(new: Path, out: Path) -> None:
-    """Put the finished folder `new` at `out`, replacing what was there (moved aside first, removed after)."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    new.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -66,7 +57,7 @@ def main(argv=None) -> int:
     (staging / "generation_config.json").write_text(
         json.dumps(generation_config(cfg["bos_token_id"], cfg["eos_token_id"]), indent=2) + "\n")
     write_llama3_tokenizer(staging)
-    replace_folder(staging, out)
+    swap_in_folder(staging, out)
     n = sum(t.numel() for t in model.parameters())
     print(f"{out}: random-init LlamaForCausalLM, {n / 1e6:.1f}M parameters (seed {args.seed}), Llama-3 tokenizer")
     return 0

@@ -18,6 +18,9 @@ from pathlib import Path
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron.checkpoint.metadata import swap_in_folder  # noqa: E402
 
 
 def absolutize(node):
@@ -51,16 +54,6 @@ def config_problem(e: Exception) -> str:
         return str(e)
     fields = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
     return f"not a valid mergekit config ({fields}); see configs/recipe/merge.yml for one that is"
-
-
-def replace_folder(new: Path, out: Path) -> None:
-    """Put the finished folder `new` at `out`, replacing what was there (moved aside first, removed after)."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    new.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -104,7 +97,7 @@ def main(argv=None) -> int:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (chat / name).exists():
             shutil.copy(chat / name, staging / name)
-    replace_folder(staging, out)
+    swap_in_folder(staging, out)
     staging_root.rmdir()
     print(f"{out}: {raw['merge_method']} merge of {', '.join(models)} on {raw.get('base_model')} "
           f"(seed {args.seed}; config {resolved})")
